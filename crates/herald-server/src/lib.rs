@@ -1,0 +1,3 @@
+//! Herald server (being written).
+pub mod auth;
+pub mod config;

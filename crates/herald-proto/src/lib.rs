@@ -1,1 +1,13 @@
+//! Herald wire protocol: types and codecs, with no I/O and no runtime.
+//!
+//! # Layout
+//! - [`json`]: JSON v1 (`herald.json.v1`): parsing client frames into [`json::Request`] and
+//!   encoding every server frame (welcome, reply, error, message, reconnect, pong) into
+//!   [`bytes::Bytes`] that can be shared between connections.
+//! - [`close`]: the WebSocket close codes of the protocol.
+//!
+//! Everything here is pure: bytes in, values out (and back), so it can be unit-tested and
+//! fuzzed on bytes alone.
 
+pub mod close;
+pub mod json;

@@ -1,3 +1,166 @@
-//! Herald server (being written).
+//! Herald server: listeners, the HTTP API, connection tasks, authentication, metrics and
+//! configuration, wired over `herald-core`.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, environment overrides and validation.
+//! - [`auth`]: JWT and API-key authentication, revocations.
+//! - [`ws`]: the `/ws` endpoint and the per-connection task (JSON v1).
+//! - [`api`]: the HTTP server API, health, metrics and the demo page.
+//! - [`state`]: the shared node state and the router applying bus deliveries to the hub.
+//! - [`limits`]: rate limiters.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! Data path: `POST /api/v1/publish` ([`api`]) or a client `publish` ([`ws`]) → the bus →
+//! [`state::Router`] → the hub's fanout → each connection's queue → the connection task,
+//! which writes the shared encoded frame. [`run`] builds it all from a [`config::Config`] and
+//! serves until its shutdown token is cancelled, then drains.
+
+pub mod api;
 pub mod auth;
 pub mod config;
+pub mod limits;
+pub mod metrics;
+pub mod state;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::serve::ListenerExt;
+use herald_core::acl::{Acl, AclError};
+use herald_core::bus::{Bus, MemoryBus, MemoryPresence, Presence};
+use herald_core::hub::Hub;
+use herald_core::store::{MemoryStore, Retention, Store};
+use herald_proto::close;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthSetupError, JwtAuthenticator};
+use crate::config::Config;
+use crate::state::{AppState, Router};
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("auth: {0}")]
+    Auth(#[from] AuthSetupError),
+    #[error("topics: {0}")]
+    Acl(#[from] AclError),
+    #[error("{setting}: {message}")]
+    Backend { setting: &'static str, message: String },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The bus named by `bus.url`. Only `memory` is built in this version; anything else fails
+/// fast (never a silent fallback).
+fn build_bus(url: &str, node_id: &str) -> Result<Arc<dyn Bus>, ServerError> {
+    match url {
+        "memory" => Ok(Arc::new(MemoryBus::new(node_id))),
+        other => Err(ServerError::Backend { setting: "bus.url", message: format!("unsupported bus {other:?} (supported: memory)") }),
+    }
+}
+
+/// The store named by `store.url`.
+fn build_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
+    match url {
+        "memory" => Ok(Arc::new(MemoryStore::new(Retention::default()))),
+        other => Err(ServerError::Backend { setting: "store.url", message: format!("unsupported store {other:?} (supported: memory)") }),
+    }
+}
+
+/// Serve on `listener` until `shutdown` is cancelled, then drain: refuse new connections,
+/// send every client `reconnect` with a staggered `after_ms`, wait up to
+/// `server.shutdown_grace` for them to leave, close the rest with 1012, and return.
+pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let node_id: Arc<str> = config.server.node_id.as_str().into();
+    let auth = Arc::new(JwtAuthenticator::new(&config.auth)?);
+    let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
+    let hub = Arc::new(Hub::new());
+    let bus = build_bus(&config.bus.url, &node_id)?;
+    let store = build_store(&config.store.url)?;
+    let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
+    let metrics = metrics::Metrics::new();
+    bus.attach(Arc::new(Router { hub: hub.clone(), metrics: metrics.clone(), auth: auth.clone() }));
+    hub.set_interest(bus.clone());
+
+    let state = Arc::new(AppState {
+        limiters: limits::Limiters::new(&config.limits),
+        config,
+        node_id,
+        hub,
+        bus,
+        presence,
+        store,
+        auth,
+        acl,
+        metrics,
+        started: Instant::now(),
+        draining: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+
+    let housekeeping = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => state.limiters.housekeep(),
+                    _ = state.shutdown.cancelled() => break,
+                }
+            }
+        })
+    };
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, node_id = %state.node_id, "serving");
+    let listener = listener.tap_io(|tcp| {
+        // Latency matters more than packet count; writes are already coalesced per batch.
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.cancelled().await;
+    drain(&state).await;
+    housekeeping.abort();
+    match server.await {
+        Ok(r) => r?,
+        Err(e) => tracing::warn!(error = %e, "http server task ended abnormally"),
+    }
+    Ok(())
+}
+
+/// The graceful drain (SPEC §6): what must stay true is that no client is cut without a
+/// `reconnect` first, and that the process ends within `shutdown_grace` plus one write timeout.
+async fn drain(state: &Arc<AppState>) {
+    state.draining.store(true, Ordering::Release);
+    let grace = state.config.server.shutdown_grace;
+    let spread = state.config.server.drain_spread.as_millis() as u64;
+    let total = state.hub.connection_count();
+    tracing::info!(connections = total, grace_ms = grace.as_millis() as u64, "draining");
+    // Stagger reconnects over [0, spread] so clients do not all come back at once.
+    let mut i = 0u64;
+    state.hub.for_each_connection(|c| {
+        let after_ms = if total <= 1 { 0 } else { spread * i / (total as u64 - 1) };
+        i += 1;
+        c.queue.push_frame(herald_proto::json::encode_reconnect("node draining", after_ms));
+    });
+    let deadline = Instant::now() + grace;
+    while state.hub.connection_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    state.hub.for_each_connection(|c| c.queue.close(close::SERVICE_RESTART, "server restart"));
+    state.tasks.close();
+    let limit = state.config.limits.write_timeout + Duration::from_secs(1);
+    if tokio::time::timeout(limit, state.tasks.wait()).await.is_err() {
+        tracing::warn!("some connections did not close in time");
+    }
+    tracing::info!("drained");
+}

@@ -1,0 +1,465 @@
+//! The HTTP server API (SPEC §4), the health and metrics endpoints, and the demo page.
+//!
+//! Every error is JSON `{"code":…,"message":…}` with the matching HTTP status, produced by
+//! [`ApiError`] from the one core error type. Bodies are read with an explicit size limit
+//! (`limits.max_message_size`, 413 beyond) and parsed with precise messages (400).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herald_core::bus::ControlEvent;
+use herald_core::error::{Error, Origin};
+use herald_core::message::{MessageBuilder, now_ms, now_secs};
+use herald_core::store::{InboxRecord, InboxStatus, Inserted};
+use herald_core::topic::Topic;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::auth::{ApiAuthError, RevocationRequest, Scope, bearer_token};
+use crate::state::AppState;
+
+/// Messages in one batch publish, at most.
+const MAX_BATCH: usize = 1000;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/ws", get(crate::ws::handler))
+        .route("/api/v1/publish", post(publish))
+        .route("/api/v1/publish/batch", post(publish_batch))
+        .route("/api/v1/broadcast", post(broadcast))
+        .route("/api/v1/users/{user}/messages", post(user_message).get(user_inbox))
+        .route("/api/v1/rooms/{room}/messages", post(room_message))
+        .route("/api/v1/users/{user}/presence", get(user_presence))
+        .route("/api/v1/presence", get(presence))
+        .route("/api/v1/topics/{topic}/subscribers", get(topic_subscribers))
+        .route("/api/v1/users/{user}/disconnect", post(disconnect_user))
+        .route("/api/v1/revocations", post(revoke))
+        .route("/ws/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/demo", get(demo))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A JSON error response.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "code": status.as_u16(), "message": message }))).into_response()
+}
+
+/// The core error as an HTTP response: the status is [`Error::code`].
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self.0.origin() {
+            Origin::Client => tracing::debug!(error = %self.0, "api request refused"),
+            Origin::Backend => tracing::warn!(error = %self.0, "api request failed"),
+            Origin::Internal => tracing::error!(error = %self.0, "api request failed"),
+        }
+        let status = StatusCode::from_u16(self.0.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_error(status, &self.0.to_string())
+    }
+}
+
+type ApiResult = Result<Response, Response>;
+
+fn authorize(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<(), Response> {
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
+    state.auth.authorize_api(bearer, scope).map(|_| ()).map_err(|e| {
+        state.metrics.error(if e == ApiAuthError::Forbidden { "forbidden" } else { "unauthenticated" });
+        let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+        let message = match e {
+            ApiAuthError::Missing => "missing API key (Authorization: Bearer <key>)".to_owned(),
+            ApiAuthError::Unknown => "unknown API key".to_owned(),
+            ApiAuthError::Forbidden => format!("API key lacks the `{}` scope", scope.as_str()),
+        };
+        json_error(status, &message)
+    })
+}
+
+/// Read and parse a JSON body of at most `limit` bytes.
+async fn read_json<T: DeserializeOwned>(state: &AppState, body: Body, limit: usize) -> Result<T, Response> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        state.metrics.error("too_large");
+        json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {limit} bytes"))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        state.metrics.error("bad_request");
+        json_error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}"))
+    })
+}
+
+fn err(state: &AppState, e: Error) -> Response {
+    state.metrics.error(e.kind());
+    ApiError(e).into_response()
+}
+
+/// `POST /api/v1/publish` body (and each entry of a batch).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct PublishReq {
+    topic: String,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    durable: Option<bool>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    partition: Option<String>,
+    #[serde(default)]
+    trace_id: Option<String>,
+}
+
+/// `{event, data, id?, durable?, trace_id?}` for broadcast, room and user messages.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct EventReq {
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    durable: Option<bool>,
+    #[serde(default)]
+    trace_id: Option<String>,
+}
+
+impl EventReq {
+    fn into_publish(self, topic: String) -> PublishReq {
+        PublishReq {
+            topic,
+            event: self.event,
+            data: self.data,
+            id: self.id,
+            durable: self.durable,
+            ttl: None,
+            partition: None,
+            trace_id: self.trace_id,
+        }
+    }
+}
+
+fn check_token(name: &str, v: &str) -> Result<(), Error> {
+    if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
+        return Err(Error::BadRequest(format!("`{name}` must be 1 to 128 printable characters")));
+    }
+    Ok(())
+}
+
+/// What a successful publish answers.
+struct Published {
+    id: String,
+    seq: Option<u64>,
+    status: &'static str,
+}
+
+impl Published {
+    fn to_json(&self, with_status: bool) -> Value {
+        let mut v = json!({ "id": self.id });
+        if let Some(seq) = self.seq {
+            v["seq"] = json!(seq);
+        }
+        if with_status {
+            v["status"] = json!(self.status);
+        }
+        v
+    }
+}
+
+/// The one publish path of the server API: validate, store when durable, hand to the bus.
+async fn publish_one(state: &AppState, req: PublishReq) -> Result<Published, Error> {
+    let topic = Topic::parse(&req.topic)?;
+    let event = req.event.unwrap_or_else(|| "message".to_owned());
+    check_token("event", &event)?;
+    if let Some(id) = &req.id {
+        check_token("id", id)?;
+    }
+    if let Some(t) = &req.trace_id {
+        check_token("trace_id", t)?;
+    }
+    if let Some(p) = &req.partition {
+        check_token("partition", p)?;
+    }
+    if req.ttl.is_some() {
+        return Err(Error::BadRequest("`ttl` is not supported by this build".into()));
+    }
+    let data = match req.data {
+        Some(d) => d,
+        None => RawValue::from_string("null".to_owned()).map_err(|e| Error::Internal(e.to_string()))?,
+    };
+    let max = state.config.limits.max_message_size as usize;
+    if data.get().len() > max {
+        return Err(Error::TooLarge(format!("`data` is larger than {max} bytes")));
+    }
+    let options = state.acl.options(&topic);
+    let durable = req.durable.unwrap_or(options.durable);
+    let inbox_user = durable.then(|| inbox_owner(&topic)).flatten();
+    if durable && inbox_user.is_none() {
+        return Err(Error::BadRequest("durable messages go to a user's inbox: topic `user/{id}` or `user/{id}/…`".into()));
+    }
+    let mut b = MessageBuilder::new(topic, event, data);
+    b.id = req.id;
+    b.trace_id = req.trace_id;
+    b.durable = durable;
+    let msg = b.build();
+    let mut status = "published";
+    if let Some(user) = inbox_user {
+        let record = InboxRecord {
+            id: msg.id.to_string(),
+            user,
+            topic: msg.topic.as_str().to_owned(),
+            event: msg.event.to_string(),
+            data: msg.data.clone(),
+            trace_id: msg.trace_id.as_deref().map(str::to_owned),
+            status: InboxStatus::Pending,
+            retry_count: 0,
+            created_at: msg.ts,
+            updated_at: msg.ts,
+        };
+        // Stored before the publisher is answered; a duplicate id stores and delivers nothing.
+        if state.store.insert(record).await? == Inserted::Duplicate {
+            return Ok(Published { id: msg.id.to_string(), seq: None, status: "duplicate" });
+        }
+        status = InboxStatus::Pending.as_str();
+    }
+    let published = Published { id: msg.id.to_string(), seq: msg.seq, status };
+    tracing::debug!(trace_id = msg.trace_id.as_deref(), topic = %msg.topic, id = %msg.id, durable, "publish");
+    state.metrics.received_api.increment(1);
+    state.bus.publish(Arc::new(msg)).await?;
+    Ok(published)
+}
+
+/// The user whose inbox a topic is: `user/{id}` or below.
+fn inbox_owner(topic: &Topic) -> Option<String> {
+    let mut s = topic.segments();
+    match (s.next(), s.next()) {
+        (Some("user"), Some(user)) => Some(user.to_owned()),
+        _ => None,
+    }
+}
+
+fn ingest_allowed(state: &AppState, n: usize) -> Result<(), Response> {
+    if state.limiters.ingest(u32::try_from(n).unwrap_or(u32::MAX)) {
+        Ok(())
+    } else {
+        Err(err(state, Error::RateLimited("node ingest rate exceeded")))
+    }
+}
+
+fn body_limit(state: &AppState) -> usize {
+    // The data may be max_message_size; leave room for the other fields.
+    state.config.limits.max_message_size as usize + 4096
+}
+
+async fn publish(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let req: PublishReq = read_json(&state, body, body_limit(&state)).await?;
+    ingest_allowed(&state, 1)?;
+    let p = publish_one(&state, req).await.map_err(|e| err(&state, e))?;
+    Ok(Json(p.to_json(false)).into_response())
+}
+
+async fn publish_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Batch {
+        messages: Vec<Value>,
+    }
+    let limit = body_limit(&state).saturating_mul(8).max(1 << 20);
+    let batch: Batch = read_json(&state, body, limit).await?;
+    if batch.messages.len() > MAX_BATCH {
+        return Err(err(&state, Error::BadRequest(format!("at most {MAX_BATCH} messages per batch"))));
+    }
+    ingest_allowed(&state, batch.messages.len())?;
+    let mut results = Vec::with_capacity(batch.messages.len());
+    for m in batch.messages {
+        let r = match serde_json::from_value::<PublishReq>(m) {
+            Ok(req) => publish_one(&state, req).await,
+            Err(e) => Err(Error::BadRequest(format!("invalid message: {e}"))),
+        };
+        results.push(match r {
+            Ok(p) => p.to_json(false),
+            Err(e) => {
+                state.metrics.error(e.kind());
+                json!({ "code": e.code(), "message": e.to_string() })
+            }
+        });
+    }
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+async fn broadcast(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let req: EventReq = read_json(&state, body, body_limit(&state)).await?;
+    ingest_allowed(&state, 1)?;
+    let p = publish_one(&state, req.into_publish("broadcast".to_owned())).await.map_err(|e| err(&state, e))?;
+    Ok(Json(p.to_json(false)).into_response())
+}
+
+async fn room_message(State(state): State<Arc<AppState>>, Path(room): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let req: EventReq = read_json(&state, body, body_limit(&state)).await?;
+    let topic = Topic::room(&room).map_err(|e| err(&state, e.into()))?;
+    ingest_allowed(&state, 1)?;
+    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned())).await.map_err(|e| err(&state, e))?;
+    Ok(Json(p.to_json(false)).into_response())
+}
+
+async fn user_message(State(state): State<Arc<AppState>>, Path(user): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let mut req: EventReq = read_json(&state, body, body_limit(&state)).await?;
+    let topic = Topic::user(&user).map_err(|e| err(&state, e.into()))?;
+    // User messages are durable unless the publisher says otherwise.
+    req.durable = Some(req.durable.unwrap_or(true));
+    ingest_allowed(&state, 1)?;
+    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned())).await.map_err(|e| err(&state, e))?;
+    Ok(Json(p.to_json(true)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn user_inbox(
+    State(state): State<Arc<AppState>>,
+    Path(user): Path<String>,
+    Query(q): Query<InboxQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize(&state, &headers, Scope::Admin)?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(InboxStatus::parse(s).ok_or_else(|| {
+            err(&state, Error::BadRequest(format!("unknown status {s:?} (pending, sent, acked, failed)")))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let records = state.store.list(&user, status, limit).await.map_err(|e| err(&state, e.into()))?;
+    Ok(Json(json!({ "user": user, "messages": records })).into_response())
+}
+
+async fn user_presence(State(state): State<Arc<AppState>>, Path(user): Path<String>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let n = state.presence.user_connections(&user).await.map_err(|e| err(&state, e.into()))?;
+    Ok(Json(json!({ "user": user, "online": n > 0, "connections": n })).into_response())
+}
+
+async fn presence(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, Scope::Admin)?;
+    let mut users = state.presence.online().await.map_err(|e| err(&state, e.into()))?;
+    users.sort();
+    let connections: u64 = users.iter().map(|(_, n)| n).sum();
+    let list: Vec<Value> = users.iter().map(|(u, n)| json!({ "user": u, "connections": n })).collect();
+    Ok(Json(json!({ "online_users": users.len(), "connections": connections, "users": list })).into_response())
+}
+
+async fn topic_subscribers(State(state): State<Arc<AppState>>, Path(topic): Path<String>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let topic = Topic::parse(&topic).map_err(|e| err(&state, e.into()))?;
+    let n = state.presence.topic_subscribers(&topic).await.map_err(|e| err(&state, e.into()))?;
+    Ok(Json(json!({ "topic": topic.as_str(), "subscribers": n })).into_response())
+}
+
+async fn disconnect_user(State(state): State<Arc<AppState>>, Path(user): Path<String>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, Scope::Admin)?;
+    let n = state.presence.user_connections(&user).await.map_err(|e| err(&state, e.into()))?;
+    state.bus.control(ControlEvent::DisconnectUser { user: user.clone() }).await.map_err(|e| err(&state, e.into()))?;
+    Ok(Json(json!({ "user": user, "disconnected": n })).into_response())
+}
+
+async fn revoke(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Admin)?;
+    let req: RevocationRequest = read_json(&state, body, 64 * 1024).await?;
+    let r = req.into_revocation(now_secs()).map_err(|m| err(&state, Error::BadRequest(m)))?;
+    // Count the local connections it closes (the bus applies it on every node).
+    let mut disconnected = 0usize;
+    state.hub.for_each_connection(|c| {
+        let s = c.session.lock();
+        let by_jti = r.jti.is_some() && s.jti == r.jti;
+        let by_user = r.user.as_deref() == Some(&*c.user) && s.issued_at.is_none_or(|iat| iat <= r.at);
+        disconnected += usize::from(by_jti || by_user);
+    });
+    let event = ControlEvent::Revoke { jti: r.jti, user: r.user, at: r.at, until: r.until };
+    state.bus.control(event).await.map_err(|e| err(&state, e.into()))?;
+    Ok(Json(json!({ "revoked": true, "disconnected": disconnected })).into_response())
+}
+
+async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
+    authorize(&state, &headers, Scope::Admin)?;
+    let s = state.hub.stats();
+    Ok(Json(json!({
+        "node_id": &*state.node_id,
+        "total_clients": s.connections,
+        "online_users": s.online_users,
+        "total_rooms": s.rooms,
+        "total_topics": s.topics,
+        "subscriptions": s.subscriptions,
+        "max_connections_per_user": s.max_connections_per_user,
+        "mean_connections_per_user": s.mean_connections_per_user,
+        "queued_frames": s.queued,
+        "uptime_secs": state.started.elapsed().as_secs(),
+        "draining": state.is_draining(),
+        "time": now_ms(),
+    }))
+    .into_response())
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let store_up = state.store.ping().await.is_ok();
+    let body = state.metrics.render(&state.hub.stats(), state.bus.healthy(), store_up);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let bus = state.bus.healthy();
+    let store = state.store.ping().await.is_ok();
+    let draining = state.is_draining();
+    let ready = bus && store && !draining;
+    let body = json!({
+        "status": if ready { "ready" } else if draining { "draining" } else { "not_ready" },
+        "bus": if bus { "ok" } else { "down" },
+        "store": if store { "ok" } else { "down" },
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn demo() -> Html<&'static str> {
+    Html(include_str!("demo.html"))
+}
+
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "no such endpoint")
+}

@@ -1,0 +1,714 @@
+//! The JSON v1 WebSocket endpoint (`/ws`): handshake, authentication, and the connection task.
+//!
+//! # Handshake
+//! The upgrade is checked before anything is allocated for the connection: draining node
+//! (503), per-IP rate (429), origin (403), WebSocket headers (400), subprotocol (400), and a
+//! credential given in the `Authorization` header or the `token`/`api_key` query parameter
+//! (401 with a JSON body, no upgrade). Without a credential the connection is upgraded and must
+//! send `{"type":"auth","token":…}` within `limits.auth_timeout` (else close 4001).
+//!
+//! # The connection task
+//! One task per connection owns the socket. It waits on four things at once:
+//! - a client frame (requests are handled inline; their replies go through the queue so that
+//!   replies and messages leave in one order and are coalesced into one flush);
+//! - the connection's [`ConnQueue`](herald_core::queue::ConnQueue), drained in batches: every
+//!   frame of a batch is fed to the socket, then flushed once (write coalescing);
+//! - the heartbeat tick: a Ping every `heartbeat_interval`; a client silent (no frame, no pong)
+//!   for `heartbeat_timeout` is closed with 1001;
+//! - token expiry: closed with 4010 unless an `auth` frame refreshed it.
+//!
+//! Writes are bounded by `limits.write_timeout`: a socket that does not drain is dropped, so a
+//! client that never reads costs a bounded queue and a bounded socket buffer, never a stuck task.
+//! What must stay true: the hub never waits on this task, and this task never holds a hub lock
+//! across an await (it calls only the hub's synchronous methods).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use herald_core::acl::Action;
+use herald_core::error::{Error, Origin};
+use herald_core::hub::{ConnHandle, Session, SubscribeOutcome};
+use herald_core::identity::{Authenticated, Authenticator, Identity};
+use herald_core::message::{Message, MessageBuilder, now_secs};
+use herald_core::queue::{CloseRequest, ConnQueue, Outgoing};
+use herald_core::topic::Topic;
+use herald_proto::close;
+use herald_proto::json::{self, ClientFrame, PONG, Request as ClientRequest, Subscribe};
+use hyper_util::rt::TokioIo;
+use serde_json::{Map, Value, json};
+use tokio::time::{Sleep, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
+
+use crate::api::json_error;
+use crate::state::AppState;
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Frames written per batch before one flush.
+const BATCH: usize = 256;
+/// Durable messages replayed on connect, at most.
+const REPLAY_LIMIT: usize = 1000;
+
+/// `GET /ws`.
+pub async fn handler(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    if state.is_draining() {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "node draining, reconnect elsewhere");
+    }
+    if !state.limiters.connection(peer.ip()) {
+        state.metrics.error("rate_limited");
+        return json_error(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address");
+    }
+    let headers = req.headers();
+    let origins = &state.config.server.allowed_origins;
+    if !origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if let Some(o) = origin
+            && !origins.iter().any(|a| a == o)
+        {
+            return json_error(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+    }
+    let key = match check_upgrade_headers(headers) {
+        Ok(k) => k,
+        Err(msg) => return json_error(StatusCode::BAD_REQUEST, msg),
+    };
+    let protocol = match negotiate_subprotocol(headers) {
+        Ok(p) => p,
+        Err(msg) => return json_error(StatusCode::BAD_REQUEST, msg),
+    };
+    let credential = credential_from(headers, req.uri().query());
+    let pre_auth = match credential {
+        Some(c) => match state.auth.authenticate(&c) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                state.metrics.error("unauthenticated");
+                tracing::debug!(%peer, error = %e, "handshake refused");
+                return json_error(StatusCode::UNAUTHORIZED, &e.to_string());
+            }
+        },
+        None => None,
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_state = state.clone();
+    state.tasks.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let limits = &task_state.config.limits;
+        let max = limits.max_message_size as usize;
+        let config = WebSocketConfig::default()
+            // Small read buffer: it is held for the connection's whole life (tungstenite grows
+            // it only while a larger frame is being read).
+            .read_buffer_size(1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        run_connection(task_state, ws, pre_auth, peer).await;
+    });
+
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    res
+}
+
+fn check_upgrade_headers(h: &HeaderMap) -> Result<String, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        h.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+            v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err("expected a WebSocket upgrade request");
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+        return Err("unsupported WebSocket version (need 13)");
+    }
+    h.get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or("missing Sec-WebSocket-Key")
+}
+
+/// `herald.json.v1` when asked for (or nothing asked); any other list is refused.
+fn negotiate_subprotocol(h: &HeaderMap) -> Result<Option<&'static str>, &'static str> {
+    let mut asked = h
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    if asked.peek().is_none() {
+        return Ok(None);
+    }
+    if asked.any(|p| p == json::SUBPROTOCOL) {
+        Ok(Some(json::SUBPROTOCOL))
+    } else {
+        Err("unsupported subprotocol (supported: herald.json.v1)")
+    }
+}
+
+/// The credential of a handshake: `Authorization: Bearer`, then `?token=`, then `?api_key=`.
+fn credential_from(h: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+        && let Some(t) = crate::auth::bearer_token(v)
+    {
+        return Some(t.to_owned());
+    }
+    let query = query?;
+    let mut api_key = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned();
+        match k {
+            "token" if !v.is_empty() => return Some(v),
+            "api_key" if !v.is_empty() => api_key = Some(v),
+            _ => {}
+        }
+    }
+    api_key
+}
+
+/// A frame produced by our own encoders as a text message, without copying or re-validating.
+fn text(frame: Bytes) -> WsMessage {
+    // SAFETY: every frame written here comes from `herald_proto::json` (serde_json output) or
+    // from a `&str` constant, so it is valid UTF-8.
+    WsMessage::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
+}
+
+fn close_frame(code: u16, reason: &str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() }))
+}
+
+/// Send a close frame, bounded by the write timeout; errors are irrelevant now.
+async fn send_close(ws: &mut Ws, code: u16, reason: &str, limit: Duration) {
+    let _ = timeout(limit, ws.send(close_frame(code, reason))).await;
+}
+
+/// First-frame authentication, within `auth_timeout`. On failure the connection is closed
+/// with 4001 here.
+async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authenticated> {
+    let limits = &state.config.limits;
+    let deadline = Instant::now() + limits.auth_timeout;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+            Err(_) => {
+                send_close(ws, close::UNAUTHENTICATED, "authentication timeout", limits.write_timeout).await;
+                return None;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(Some(Ok(f))) => f,
+        };
+        let text = match frame {
+            WsMessage::Text(t) => t,
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            _ => {
+                send_close(ws, close::UNAUTHENTICATED, "authenticate first", limits.write_timeout).await;
+                return None;
+            }
+        };
+        let reason = match json::parse_request(&text) {
+            Ok(ClientRequest { frame: ClientFrame::Auth { token }, .. }) => match state.auth.authenticate(&token) {
+                Ok(a) => return Some(a),
+                Err(e) => e.to_string(),
+            },
+            Ok(_) => "authenticate first".to_owned(),
+            Err(e) => e.message,
+        };
+        state.metrics.error("unauthenticated");
+        send_close(ws, close::UNAUTHENTICATED, &reason, limits.write_timeout).await;
+        return None;
+    }
+}
+
+/// Unregisters the connection however the task ends.
+struct Registration {
+    state: Arc<AppState>,
+    conn: Arc<ConnHandle>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.state.hub.unregister(&self.conn);
+    }
+}
+
+/// What handling a client frame asks the loop to do next.
+enum Flow {
+    Continue,
+    Close(u16, String),
+}
+
+/// Per-connection state that only the connection task touches.
+struct Ctx {
+    conn: Arc<ConnHandle>,
+    /// Claims and roles for ACL checks; replaced on refresh.
+    identity: Identity,
+    conn_id: String,
+    /// Token expiry (`None`: never).
+    expiry: Option<Instant>,
+    expiry_changed: bool,
+    errors_window_start: Instant,
+    errors_in_window: u32,
+}
+
+async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authenticated>, peer: SocketAddr) {
+    let limits = state.config.limits.clone();
+    let auth = match pre_auth {
+        Some(a) => a,
+        None => match authenticate_first_frame(&state, &mut ws).await {
+            Some(a) => a,
+            None => return,
+        },
+    };
+    let user = auth.identity.user_id.clone();
+    let id = state.hub.next_conn_id();
+    let conn = Arc::new(ConnHandle::new(
+        id,
+        user.clone(),
+        ConnQueue::new(limits.send_queue as usize, limits.slow_consumer_timeout),
+        Session { jti: auth.jti.clone(), issued_at: auth.issued_at, expires_at: auth.expires_at },
+    ));
+    state.hub.register(conn.clone());
+    let _registration = Registration { state: state.clone(), conn: conn.clone() };
+    state.metrics.connections_opened.increment(1);
+
+    // The user connection limit counts every node's connections (cluster-wide presence).
+    let count = match state.presence.user_connections(&user).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "presence unavailable; using the local count");
+            state.hub.user_connection_count(&user) as u64
+        }
+    };
+    if count > limits.max_connections_per_user as u64 {
+        state.metrics.connection_closed("too_many_connections");
+        send_close(&mut ws, close::TOO_MANY_CONNECTIONS, "too many connections for this user", limits.write_timeout).await;
+        return;
+    }
+
+    // Implicit subscriptions: the user's inbox and broadcast. Valid by construction: the
+    // authenticator only admits user ids that are topic segments.
+    let max_topics = limits.max_subscriptions_per_connection as usize + 2;
+    if let Ok(inbox) = Topic::user(&user) {
+        state.hub.subscribe(&conn, &inbox, max_topics);
+    }
+    state.hub.subscribe(&conn, &Topic::broadcast(), max_topics);
+
+    let conn_id = format!("c-{}-{id}", state.node_id);
+    let welcome = json::encode_welcome(&conn_id, &user, &state.node_id, limits.heartbeat_interval.as_millis() as u64);
+    if timeout(limits.write_timeout, ws.send(text(welcome))).await.map_or(true, |r| r.is_err()) {
+        return;
+    }
+    tracing::debug!(%peer, conn_id, user = %user, "connected");
+
+    // Replay the durable inbox: everything not yet acked, oldest first.
+    match state.store.undelivered(&user, REPLAY_LIMIT).await {
+        Ok(records) => {
+            for r in records {
+                let Ok(topic) = Topic::parse(&r.topic) else { continue };
+                let mut b = MessageBuilder::new(topic, r.event, r.data);
+                b.id = Some(r.id);
+                b.trace_id = r.trace_id;
+                b.durable = true;
+                b.ts = Some(r.created_at);
+                conn.queue.push_message(Arc::new(b.build()));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, user = %user, "inbox replay failed; it will be retried on the next connect"),
+    }
+
+    let mut ctx = Ctx {
+        conn: conn.clone(),
+        identity: auth.identity,
+        conn_id,
+        expiry: auth.expires_at.map(expiry_instant),
+        expiry_changed: false,
+        errors_window_start: Instant::now(),
+        errors_in_window: 0,
+    };
+    let reason = connection_loop(&state, &mut ws, &mut ctx).await;
+    state.metrics.connection_closed(reason);
+    tracing::debug!(conn_id = ctx.conn_id, user = %user, reason, "disconnected");
+}
+
+/// Unix seconds → the `Instant` it falls at.
+fn expiry_instant(exp: u64) -> Instant {
+    let now = now_secs();
+    Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// The main loop; returns why the connection ended (a metric label).
+async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &'static str {
+    let limits = &state.config.limits;
+    let mut last_seen = Instant::now();
+    let mut heartbeat = tokio::time::interval_at((Instant::now() + limits.heartbeat_interval).into(), limits.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut expiry: Pin<Box<Sleep>> = Box::pin(sleep_until(ctx.expiry.unwrap_or_else(far_future).into()));
+    let conn = ctx.conn.clone();
+    let mut batch: Vec<Outgoing> = Vec::new();
+
+    loop {
+        tokio::select! {
+            frame = ws.next() => {
+                let frame = match frame {
+                    None => return "client",
+                    Some(Err(tungstenite::Error::Capacity(_))) => {
+                        state.metrics.error("too_large");
+                        send_close(ws, close::TOO_LARGE, "frame too large", limits.write_timeout).await;
+                        return "too_large";
+                    }
+                    Some(Err(_)) => return "protocol_error",
+                    Some(Ok(f)) => f,
+                };
+                last_seen = Instant::now();
+                let flow = match frame {
+                    WsMessage::Text(t) => handle_text(state, ctx, &t).await,
+                    WsMessage::Binary(_) => reject(state, ctx, None, Error::BadRequest("binary frames are not supported by herald.json.v1".into())),
+                    WsMessage::Close(_) => return "client",
+                    // tungstenite answers pings itself; pongs only prove liveness.
+                    WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Flow::Continue,
+                };
+                if let Flow::Close(code, reason) = flow {
+                    send_close(ws, code, &reason, limits.write_timeout).await;
+                    return if code == close::POLICY { "policy" } else { "server" };
+                }
+                if ctx.expiry_changed {
+                    ctx.expiry_changed = false;
+                    expiry.as_mut().reset(ctx.expiry.unwrap_or_else(far_future).into());
+                }
+            }
+            close = conn.queue.drain(&mut batch, BATCH) => {
+                if !batch.is_empty() {
+                    match timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return "write_error",
+                        Err(_) => {
+                            state.metrics.dropped_slow_consumer.increment(1);
+                            return "write_timeout";
+                        }
+                    }
+                }
+                if let Some(CloseRequest { code, reason }) = close {
+                    send_close(ws, code, &reason, limits.write_timeout).await;
+                    return close_label(code);
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_seen.elapsed() >= limits.heartbeat_timeout {
+                    send_close(ws, close::GOING_AWAY, "heartbeat timeout", limits.write_timeout).await;
+                    return "heartbeat_timeout";
+                }
+                if timeout(limits.write_timeout, ws.send(WsMessage::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
+                    return "write_error";
+                }
+            }
+            _ = &mut expiry => {
+                send_close(ws, close::TOKEN_EXPIRED, "token expired", limits.write_timeout).await;
+                return "token_expired";
+            }
+        }
+    }
+}
+
+fn close_label(code: u16) -> &'static str {
+    match code {
+        close::SLOW_CONSUMER => "slow_consumer",
+        close::DISCONNECTED => "disconnected",
+        close::SERVICE_RESTART => "server_restart",
+        close::TOKEN_EXPIRED => "token_expired",
+        _ => "server",
+    }
+}
+
+/// Feed a drained batch to the socket and flush once.
+async fn write_batch(state: &AppState, ws: &mut Ws, conn: &ConnHandle, batch: &mut Vec<Outgoing>) -> Result<(), tungstenite::Error> {
+    let mut messages = 0u64;
+    let mut oldest: Option<Instant> = None;
+    let mut durable_ids: Vec<String> = Vec::new();
+    for item in batch.drain(..) {
+        let frame = match item {
+            Outgoing::Message(m) => {
+                messages += 1;
+                oldest = Some(oldest.map_or(m.received_at, |o| o.min(m.received_at)));
+                if m.durable {
+                    durable_ids.push(m.id.to_string());
+                }
+                m.json_frame().clone()
+            }
+            Outgoing::Frame(f) => f,
+        };
+        ws.feed(text(frame)).await?;
+    }
+    ws.flush().await?;
+    if batch.capacity() > BATCH {
+        *batch = Vec::new();
+    }
+    if messages > 0 {
+        state.metrics.sent.increment(messages);
+        if let Some(t) = oldest {
+            state.metrics.publish_to_write.record(t.elapsed().as_secs_f64());
+        }
+    }
+    if !durable_ids.is_empty()
+        && let Err(e) = state.store.mark_sent(&conn.user, &durable_ids).await
+    {
+        tracing::warn!(error = %e, "could not mark durable messages sent");
+    }
+    Ok(())
+}
+
+/// Answer a failed request: a `reply` when it had an id, else an `error` frame. Counts the
+/// error and closes with 4008 when the client keeps sending bad frames.
+fn reject(state: &AppState, ctx: &mut Ctx, id: Option<&Value>, err: Error) -> Flow {
+    state.metrics.error(err.kind());
+    if err.origin() != Origin::Client {
+        tracing::warn!(conn_id = ctx.conn_id, error = %err, "request failed");
+    }
+    let frame = match id {
+        Some(id) => json::encode_reply(id, err.code(), &err.to_string(), None),
+        None => json::encode_error(err.code(), &err.to_string()),
+    };
+    ctx.conn.queue.push_frame(frame);
+    count_abuse(state, ctx, &err)
+}
+
+/// Bad input counts towards the abuse limit; refusals (403, 429…) do not.
+fn count_abuse(state: &AppState, ctx: &mut Ctx, err: &Error) -> Flow {
+    if !matches!(err, Error::BadRequest(_) | Error::Topic(_) | Error::TooLarge(_)) {
+        return Flow::Continue;
+    }
+    let now = Instant::now();
+    if now.duration_since(ctx.errors_window_start) >= Duration::from_secs(60) {
+        ctx.errors_window_start = now;
+        ctx.errors_in_window = 0;
+    }
+    ctx.errors_in_window += 1;
+    if ctx.errors_in_window > state.config.limits.max_errors_per_minute as u32 {
+        return Flow::Close(close::POLICY, "too many bad frames".into());
+    }
+    Flow::Continue
+}
+
+fn reply_ok(ctx: &Ctx, id: Option<&Value>, extra: Option<&Map<String, Value>>) {
+    if let Some(id) = id {
+        ctx.conn.queue.push_frame(json::encode_reply(id, 0, "ok", extra));
+    }
+}
+
+async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
+    if text == "ping" {
+        ctx.conn.queue.push_frame(Bytes::from_static(b"pong"));
+        return Flow::Continue;
+    }
+    let req = match json::parse_request(text) {
+        Ok(r) => r,
+        Err(e) => {
+            state.metrics.error("malformed_frame");
+            let frame = match &e.id {
+                Some(id) => json::encode_reply(id, 400, &e.message, None),
+                None => json::encode_error(400, &e.message),
+            };
+            ctx.conn.queue.push_frame(frame);
+            return count_abuse(state, ctx, &Error::BadRequest(e.message));
+        }
+    };
+    let id = req.id.as_ref();
+    let result = match req.frame {
+        ClientFrame::Subscribe(s) => return subscribe(state, ctx, id, s),
+        ClientFrame::Unsubscribe { topics } => {
+            for t in &topics {
+                state.hub.unsubscribe(&ctx.conn, t);
+            }
+            Ok(None)
+        }
+        ClientFrame::JoinRoom { room } => match Topic::room(&room) {
+            Ok(t) => return subscribe_topics(state, ctx, id, vec![t.as_str().to_owned()], None),
+            Err(e) => Err(Error::Topic(e)),
+        },
+        ClientFrame::LeaveRoom { room } => match Topic::room(&room) {
+            Ok(t) => {
+                state.hub.unsubscribe(&ctx.conn, t.as_str());
+                Ok(None)
+            }
+            Err(e) => Err(Error::Topic(e)),
+        },
+        ClientFrame::Publish { topic, event, data } => client_publish(state, ctx, topic, event, data).await,
+        ClientFrame::Ack { ids } => match state.store.ack(&ctx.conn.user, &ids).await {
+            Ok(n) => Ok(Some(obj(json!({ "acked": n })))),
+            Err(e) => Err(Error::Store(e)),
+        },
+        ClientFrame::Auth { token } => refresh(state, ctx, &token),
+        ClientFrame::Command { command, .. } => Err(Error::NotFound(format!("unknown command: {command}"))),
+        ClientFrame::Ping => {
+            ctx.conn.queue.push_frame(Bytes::from_static(PONG.as_bytes()));
+            return Flow::Continue;
+        }
+    };
+    match result {
+        Ok(extra) => {
+            reply_ok(ctx, id, extra.as_ref());
+            Flow::Continue
+        }
+        Err(e) => reject(state, ctx, id, e),
+    }
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn subscribe(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, s: Subscribe) -> Flow {
+    subscribe_topics(state, ctx, id, s.topics, s.since)
+}
+
+/// Subscribe to each topic (ACL, limits), answering one reply for the request.
+fn subscribe_topics(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, topics: Vec<String>, since: Option<u64>) -> Flow {
+    if !state.limiters.subscribe(&ctx.conn.user) {
+        return reject(state, ctx, id, Error::RateLimited("too many subscribe requests"));
+    }
+    let limit = state.config.limits.max_subscriptions_per_connection as usize + 2;
+    let mut results: Vec<Result<Topic, Error>> = Vec::with_capacity(topics.len());
+    for raw in &topics {
+        results.push(subscribe_one(state, ctx, raw, limit));
+    }
+    let single = topics.len() == 1;
+    if single {
+        return match results.pop() {
+            Some(Ok(topic)) => {
+                let mut extra = Map::new();
+                extra.insert("topic".into(), Value::String(topic.as_str().to_owned()));
+                if since.is_some() {
+                    // No history is kept for this topic: a gap can never be filled.
+                    extra.insert("recovered".into(), Value::Bool(false));
+                }
+                reply_ok(ctx, id, Some(&extra));
+                Flow::Continue
+            }
+            Some(Err(e)) => reject(state, ctx, id, e),
+            None => Flow::Continue,
+        };
+    }
+    // Batch: one reply, code 0 when all succeeded, else the first failing code; per-topic
+    // results in order.
+    let mut list = Vec::with_capacity(results.len());
+    let mut first: Option<(u16, String)> = None;
+    let mut flow = Flow::Continue;
+    for (raw, r) in topics.iter().zip(&results) {
+        match r {
+            Ok(_) => list.push(json!({ "topic": raw, "code": 0, "message": "ok" })),
+            Err(e) => {
+                state.metrics.error(e.kind());
+                if let Flow::Close(c, m) = count_abuse(state, ctx, e) {
+                    flow = Flow::Close(c, m);
+                }
+                first.get_or_insert_with(|| (e.code(), e.to_string()));
+                list.push(json!({ "topic": raw, "code": e.code(), "message": e.to_string() }));
+            }
+        }
+    }
+    let mut extra = Map::new();
+    extra.insert("results".into(), Value::Array(list));
+    if since.is_some() {
+        extra.insert("recovered".into(), Value::Bool(false));
+    }
+    let (code, message) = first.unwrap_or((0, "ok".to_owned()));
+    match id {
+        Some(id) => {
+            ctx.conn.queue.push_frame(json::encode_reply(id, code, &message, Some(&extra)));
+        }
+        None if code != 0 => {
+            ctx.conn.queue.push_frame(json::encode_error(code, &message));
+        }
+        None => {}
+    }
+    flow
+}
+
+fn subscribe_one(state: &AppState, ctx: &Ctx, raw: &str, limit: usize) -> Result<Topic, Error> {
+    let topic = Topic::parse(raw)?;
+    if !state.acl.allows(Action::Subscribe, &topic, &ctx.identity) {
+        return Err(Error::Forbidden(topic.as_str().to_owned()));
+    }
+    match state.hub.subscribe(&ctx.conn, &topic, limit) {
+        SubscribeOutcome::Added | SubscribeOutcome::AlreadySubscribed => Ok(topic),
+        SubscribeOutcome::LimitReached => Err(Error::TooManySubscriptions(limit - 2)),
+    }
+}
+
+async fn client_publish(
+    state: &Arc<AppState>,
+    ctx: &Ctx,
+    topic: String,
+    event: String,
+    data: Box<serde_json::value::RawValue>,
+) -> Result<Option<Map<String, Value>>, Error> {
+    if !state.limiters.client_publish(&ctx.conn.user) {
+        return Err(Error::RateLimited("too many client publishes"));
+    }
+    let topic = Topic::parse(&topic)?;
+    if !state.acl.allows(Action::Publish, &topic, &ctx.identity) {
+        return Err(Error::Forbidden(topic.as_str().to_owned()));
+    }
+    if event.is_empty() || event.len() > 128 {
+        return Err(Error::BadRequest("`event` must be 1 to 128 bytes".into()));
+    }
+    let mut b = MessageBuilder::new(topic, event, data);
+    b.from = Some(ctx.conn.user.to_string());
+    let msg: Arc<Message> = Arc::new(b.build());
+    state.metrics.received_client.increment(1);
+    let id = msg.id.to_string();
+    state.bus.publish(msg).await?;
+    Ok(Some(obj(json!({ "id": id }))))
+}
+
+/// `auth` after connecting: a refresh for the same user extends the session.
+fn refresh(state: &AppState, ctx: &mut Ctx, token: &str) -> Result<Option<Map<String, Value>>, Error> {
+    let a = state.auth.authenticate(token)?;
+    if a.identity.user_id != ctx.conn.user {
+        return Err(Error::Conflict("token is for another user".into()));
+    }
+    *ctx.conn.session.lock() = Session { jti: a.jti.clone(), issued_at: a.issued_at, expires_at: a.expires_at };
+    ctx.identity = a.identity;
+    ctx.expiry = a.expires_at.map(expiry_instant);
+    ctx.expiry_changed = true;
+    Ok(a.expires_at.map(|e| obj(json!({ "expires_at": e }))))
+}

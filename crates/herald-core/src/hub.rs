@@ -14,7 +14,7 @@
 //! map and the connection map are never held together with another lock.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -102,12 +102,13 @@ pub struct HubStats {
 }
 
 type TopicShard = HashMap<Topic, HashMap<ConnId, Arc<ConnHandle>>>;
+type ConnShard = HashMap<ConnId, Arc<ConnHandle>>;
 
 /// The node's connections and their subscriptions.
 pub struct Hub {
     hasher: RandomState,
     topics: Box<[RwLock<TopicShard>]>,
-    conns: Box<[RwLock<HashMap<ConnId, Arc<ConnHandle>>>]>,
+    conns: Box<[RwLock<ConnShard>]>,
     users: Mutex<HashMap<Arc<str>, Vec<ConnId>>>,
     interest: OnceLock<Arc<dyn Interest>>,
     next_id: AtomicU64,
@@ -151,12 +152,10 @@ impl Hub {
     }
 
     fn topic_shard(&self, topic: &str) -> &RwLock<TopicShard> {
-        let mut h = self.hasher.build_hasher();
-        topic.hash(&mut h);
-        &self.topics[(h.finish() as usize) % SHARDS]
+        &self.topics[(self.hasher.hash_one(topic) as usize) % SHARDS]
     }
 
-    fn conn_shard(&self, id: ConnId) -> &RwLock<HashMap<ConnId, Arc<ConnHandle>>> {
+    fn conn_shard(&self, id: ConnId) -> &RwLock<ConnShard> {
         &self.conns[(id as usize) % SHARDS]
     }
 
@@ -216,10 +215,7 @@ impl Hub {
     pub fn unsubscribe(&self, conn: &ConnHandle, topic: &str) -> bool {
         let removed = {
             let mut mine = conn.topics.lock();
-            match mine.iter().position(|t| t.as_str() == topic) {
-                Some(pos) => Some(mine.swap_remove(pos)),
-                None => None,
-            }
+            mine.iter().position(|t| t.as_str() == topic).map(|pos| mine.swap_remove(pos))
         };
         match removed {
             Some(t) => {

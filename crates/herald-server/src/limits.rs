@@ -18,18 +18,18 @@ pub struct Limiters {
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
-fn nz(n: u64) -> Option<NonZeroU32> {
-    NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX))
+fn nz(n: u32) -> Option<NonZeroU32> {
+    NonZeroU32::new(n)
 }
 
 impl Limiters {
     /// A limit of 0 disables that limiter.
     pub fn new(l: &LimitsConfig) -> Self {
         Self {
-            subscribe: nz(l.subscribes_per_second as u64).map(|n| RateLimiter::keyed(Quota::per_second(n))),
-            publish: nz(l.client_publishes_per_minute as u64).map(|n| RateLimiter::keyed(Quota::per_minute(n))),
-            ingest: nz(l.ingest_per_second as u64).map(|n| RateLimiter::direct(Quota::per_second(n))),
-            per_ip: nz(l.connections_per_ip_per_second as u64).map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            subscribe: nz(l.subscribes_per_second).map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            publish: nz(l.client_publishes_per_minute).map(|n| RateLimiter::keyed(Quota::per_minute(n))),
+            ingest: nz(l.ingest_per_second).map(|n| RateLimiter::direct(Quota::per_second(n))),
+            per_ip: nz(l.connections_per_ip_per_second).map(|n| RateLimiter::keyed(Quota::per_second(n))),
         }
     }
 

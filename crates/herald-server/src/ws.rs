@@ -115,7 +115,7 @@ pub async fn handler(
             }
         };
         let limits = &task_state.config.limits;
-        let max = limits.max_message_size as usize;
+        let max = limits.max_message_size;
         let config = WebSocketConfig::default()
             // Small read buffer: it is held for the connection's whole life (tungstenite grows
             // it only while a larger frame is being read).
@@ -297,7 +297,7 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
     let conn = Arc::new(ConnHandle::new(
         id,
         user.clone(),
-        ConnQueue::new(limits.send_queue as usize, limits.slow_consumer_timeout),
+        ConnQueue::new(limits.send_queue, limits.slow_consumer_timeout),
         Session { jti: auth.jti.clone(), issued_at: auth.issued_at, expires_at: auth.expires_at },
     ));
     state.hub.register(conn.clone());
@@ -320,7 +320,7 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
 
     // Implicit subscriptions: the user's inbox and broadcast. Valid by construction: the
     // authenticator only admits user ids that are topic segments.
-    let max_topics = limits.max_subscriptions_per_connection as usize + 2;
+    let max_topics = limits.max_subscriptions_per_connection + 2;
     if let Ok(inbox) = Topic::user(&user) {
         state.hub.subscribe(&conn, &inbox, max_topics);
     }
@@ -519,7 +519,7 @@ fn count_abuse(state: &AppState, ctx: &mut Ctx, err: &Error) -> Flow {
         ctx.errors_in_window = 0;
     }
     ctx.errors_in_window += 1;
-    if ctx.errors_in_window > state.config.limits.max_errors_per_minute as u32 {
+    if ctx.errors_in_window > state.config.limits.max_errors_per_minute {
         return Flow::Close(close::POLICY, "too many bad frames".into());
     }
     Flow::Continue
@@ -552,10 +552,16 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
     let result = match req.frame {
         ClientFrame::Subscribe(s) => return subscribe(state, ctx, id, s),
         ClientFrame::Unsubscribe { topics } => {
-            for t in &topics {
-                state.hub.unsubscribe(&ctx.conn, t);
+            // The inbox is what durable delivery relies on: it cannot be left.
+            let inbox = Topic::user(&ctx.conn.user).ok();
+            if let Some(t) = topics.iter().find(|t| inbox.as_ref().is_some_and(|i| i.as_str() == t.as_str())) {
+                Err(Error::BadRequest(format!("cannot unsubscribe from the user inbox {t}")))
+            } else {
+                for t in &topics {
+                    state.hub.unsubscribe(&ctx.conn, t);
+                }
+                Ok(None)
             }
-            Ok(None)
         }
         ClientFrame::JoinRoom { room } => match Topic::room(&room) {
             Ok(t) => return subscribe_topics(state, ctx, id, vec![t.as_str().to_owned()], None),
@@ -605,7 +611,7 @@ fn subscribe_topics(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, to
     if !state.limiters.subscribe(&ctx.conn.user) {
         return reject(state, ctx, id, Error::RateLimited("too many subscribe requests"));
     }
-    let limit = state.config.limits.max_subscriptions_per_connection as usize + 2;
+    let limit = state.config.limits.max_subscriptions_per_connection + 2;
     let mut results: Vec<Result<Topic, Error>> = Vec::with_capacity(topics.len());
     for raw in &topics {
         results.push(subscribe_one(state, ctx, raw, limit));

@@ -503,13 +503,13 @@ impl LimitsConfig {
         check_duration(
             "limits.heartbeat_interval",
             self.heartbeat_interval,
-            SEC,
+            Duration::from_millis(100),
             HOUR,
         )?;
         check_duration(
             "limits.heartbeat_timeout",
             self.heartbeat_timeout,
-            SEC,
+            Duration::from_millis(200),
             2 * HOUR,
         )?;
         if self.heartbeat_timeout <= self.heartbeat_interval {

@@ -104,9 +104,21 @@ impl Metrics {
         gauge!("herald_topics").set(hub.topics as f64);
         gauge!("herald_send_queue_depth").set(hub.queued as f64);
         gauge!("herald_bus_up").set(if bus_up { 1.0 } else { 0.0 });
+        if let Some(rss) = resident_bytes() {
+            gauge!("process_resident_memory_bytes").set(rss as f64);
+        }
         gauge!("herald_store_up").set(if store_up { 1.0 } else { 0.0 });
         self.handle.render()
     }
+}
+
+/// This process's resident set size, from `/proc/self/statm` (Linux; `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().map(|p| pages * p)
 }
 
 impl Default for Metrics {

@@ -703,7 +703,7 @@ async fn client_publish(
     state.metrics.received_client.increment(1);
     let id = msg.id.to_string();
     state.bus.publish(msg).await?;
-    Ok(Some(obj(json!({ "id": id }))))
+    Ok(Some(obj(json!({ "message_id": id }))))
 }
 
 /// `auth` after connecting: a refresh for the same user extends the session.

@@ -36,7 +36,12 @@ pub enum ControlEvent {
     DisconnectUser { user: String },
     /// Revoke a token id and/or a user's tokens issued at or before `at` (Unix seconds),
     /// until `until` (Unix seconds; `None`: the configured default).
-    Revoke { jti: Option<String>, user: Option<String>, at: u64, until: Option<u64> },
+    Revoke {
+        jti: Option<String>,
+        user: Option<String>,
+        at: u64,
+        until: Option<u64>,
+    },
 }
 
 /// An event for one node.
@@ -87,11 +92,16 @@ pub struct MemoryBus {
 
 impl MemoryBus {
     pub fn new(node_id: impl Into<String>) -> Self {
-        Self { node_id: node_id.into(), sink: OnceLock::new() }
+        Self {
+            node_id: node_id.into(),
+            sink: OnceLock::new(),
+        }
     }
 
     fn sink(&self) -> Result<&Arc<dyn BusSink>, BusError> {
-        self.sink.get().ok_or_else(|| BusError::Unavailable("bus not attached".into()))
+        self.sink
+            .get()
+            .ok_or_else(|| BusError::Unavailable("bus not attached".into()))
     }
 }
 
@@ -148,7 +158,12 @@ impl Presence for MemoryPresence {
     }
 
     async fn online(&self) -> Result<Vec<(String, u64)>, BusError> {
-        Ok(self.hub.online_users().into_iter().map(|(u, n)| (u.to_string(), n as u64)).collect())
+        Ok(self
+            .hub
+            .online_users()
+            .into_iter()
+            .map(|(u, n)| (u.to_string(), n as u64))
+            .collect())
     }
 
     async fn topic_subscribers(&self, topic: &Topic) -> Result<u64, BusError> {

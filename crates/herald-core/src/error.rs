@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(Error::Forbidden("a".into()).code(), 403);
         assert_eq!(Error::RateLimited("subscribe").code(), 429);
         assert_eq!(Error::Bus(BusError::Unavailable("x".into())).code(), 503);
-        assert_eq!(Error::Bus(BusError::Unavailable("x".into())).origin(), Origin::Backend);
+        assert_eq!(
+            Error::Bus(BusError::Unavailable("x".into())).origin(),
+            Origin::Backend
+        );
         assert_eq!(Error::Unauthenticated(AuthError::Expired).code(), 401);
     }
 }

@@ -56,7 +56,13 @@ pub struct ConnHandle {
 
 impl ConnHandle {
     pub fn new(id: ConnId, user: Arc<str>, queue: ConnQueue, session: Session) -> Self {
-        Self { id, user, queue, session: Mutex::new(session), topics: Mutex::new(Vec::new()) }
+        Self {
+            id,
+            user,
+            queue,
+            session: Mutex::new(session),
+            topics: Mutex::new(Vec::new()),
+        }
     }
 
     /// How many topics this connection is subscribed to (implicit ones included).
@@ -124,7 +130,9 @@ impl Default for Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("subscriptions", &self.subscriptions).finish_non_exhaustive()
+        f.debug_struct("Hub")
+            .field("subscriptions", &self.subscriptions)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +169,9 @@ impl Hub {
 
     /// Add a connection. Returns how many local connections its user now has.
     pub fn register(&self, conn: Arc<ConnHandle>) -> usize {
-        self.conn_shard(conn.id).write().insert(conn.id, conn.clone());
+        self.conn_shard(conn.id)
+            .write()
+            .insert(conn.id, conn.clone());
         let mut users = self.users.lock();
         let list = users.entry(conn.user.clone()).or_default();
         list.push(conn.id);
@@ -185,7 +195,12 @@ impl Hub {
     }
 
     /// Subscribe `conn` to `topic`. `limit` caps the connection's total topic count.
-    pub fn subscribe(&self, conn: &Arc<ConnHandle>, topic: &Topic, limit: usize) -> SubscribeOutcome {
+    pub fn subscribe(
+        &self,
+        conn: &Arc<ConnHandle>,
+        topic: &Topic,
+        limit: usize,
+    ) -> SubscribeOutcome {
         let mut mine = conn.topics.lock();
         if mine.iter().any(|t| t == topic) {
             return SubscribeOutcome::AlreadySubscribed;
@@ -215,7 +230,9 @@ impl Hub {
     pub fn unsubscribe(&self, conn: &ConnHandle, topic: &str) -> bool {
         let removed = {
             let mut mine = conn.topics.lock();
-            mine.iter().position(|t| t.as_str() == topic).map(|pos| mine.swap_remove(pos))
+            mine.iter()
+                .position(|t| t.as_str() == topic)
+                .map(|pos| mine.swap_remove(pos))
         };
         match removed {
             Some(t) => {
@@ -275,7 +292,10 @@ impl Hub {
 
     /// Local subscribers of a topic.
     pub fn subscriber_count(&self, topic: &str) -> usize {
-        self.topic_shard(topic).read().get(topic).map_or(0, HashMap::len)
+        self.topic_shard(topic)
+            .read()
+            .get(topic)
+            .map_or(0, HashMap::len)
     }
 
     pub fn connection(&self, id: ConnId) -> Option<Arc<ConnHandle>> {
@@ -285,7 +305,9 @@ impl Hub {
     /// The local connections of a user.
     pub fn user_connections(&self, user: &str) -> Vec<Arc<ConnHandle>> {
         let ids: Vec<ConnId> = self.users.lock().get(user).cloned().unwrap_or_default();
-        ids.into_iter().filter_map(|id| self.connection(id)).collect()
+        ids.into_iter()
+            .filter_map(|id| self.connection(id))
+            .collect()
     }
 
     pub fn user_connection_count(&self, user: &str) -> usize {
@@ -294,7 +316,11 @@ impl Hub {
 
     /// Online users and their local connection counts.
     pub fn online_users(&self) -> Vec<(Arc<str>, usize)> {
-        self.users.lock().iter().map(|(u, c)| (u.clone(), c.len())).collect()
+        self.users
+            .lock()
+            .iter()
+            .map(|(u, c)| (u.clone(), c.len()))
+            .collect()
     }
 
     /// Call `f` for every local connection (shard by shard; `f` must not call back into the
@@ -320,7 +346,11 @@ impl Hub {
         };
         let mut rooms = 0;
         for shard in self.topics.iter() {
-            rooms += shard.read().keys().filter(|t| t.as_str().starts_with("room/")).count();
+            rooms += shard
+                .read()
+                .keys()
+                .filter(|t| t.as_str().starts_with("room/"))
+                .count();
         }
         let mut queued = 0;
         self.for_each_connection(|c| queued += c.queue.len());
@@ -328,7 +358,11 @@ impl Hub {
             connections: self.connection_count(),
             online_users: online,
             max_connections_per_user: max,
-            mean_connections_per_user: if online == 0 { 0.0 } else { total_user_conns as f64 / online as f64 },
+            mean_connections_per_user: if online == 0 {
+                0.0
+            } else {
+                total_user_conns as f64 / online as f64
+            },
             topics: self.topic_count.load(Ordering::Relaxed),
             rooms,
             subscriptions: self.subscriptions.load(Ordering::Relaxed),
@@ -372,12 +406,22 @@ mod tests {
         let mut out = Vec::new();
         let mut cx = Context::from_waker(Waker::noop());
         match c.queue.poll_drain(&mut cx, &mut out, usize::MAX) {
-            Poll::Ready(_) | Poll::Pending => out.iter().filter(|o| matches!(o, Outgoing::Message(_))).count(),
+            Poll::Ready(_) | Poll::Pending => out
+                .iter()
+                .filter(|o| matches!(o, Outgoing::Message(_)))
+                .count(),
         }
     }
 
     fn msg(topic: &str) -> Arc<Message> {
-        Arc::new(MessageBuilder::new(Topic::parse(topic).unwrap(), "e", RawValue::from_string("1".into()).unwrap()).build())
+        Arc::new(
+            MessageBuilder::new(
+                Topic::parse(topic).unwrap(),
+                "e",
+                RawValue::from_string("1".into()).unwrap(),
+            )
+            .build(),
+        )
     }
 
     #[test]
@@ -389,7 +433,10 @@ mod tests {
         let b = conn(&hub, "b");
         let t = Topic::parse("x/y").unwrap();
         assert_eq!(hub.subscribe(&a, &t, 10), SubscribeOutcome::Added);
-        assert_eq!(hub.subscribe(&a, &t, 10), SubscribeOutcome::AlreadySubscribed);
+        assert_eq!(
+            hub.subscribe(&a, &t, 10),
+            SubscribeOutcome::AlreadySubscribed
+        );
         assert_eq!(hub.subscribe(&b, &t, 10), SubscribeOutcome::Added);
         assert_eq!(hub.subscriber_count("x/y"), 2);
         let d = hub.deliver(&msg("x/y"));
@@ -417,7 +464,10 @@ mod tests {
         assert_eq!(hub.subscribe(&a1, &t1, 1), SubscribeOutcome::Added);
         assert_eq!(hub.subscribe(&a1, &t2, 1), SubscribeOutcome::LimitReached);
         let s = hub.stats();
-        assert_eq!((s.connections, s.online_users, s.max_connections_per_user), (2, 1, 2));
+        assert_eq!(
+            (s.connections, s.online_users, s.max_connections_per_user),
+            (2, 1, 2)
+        );
         hub.unregister(&a1);
         assert_eq!(hub.user_connection_count("a"), 1);
     }

@@ -52,7 +52,17 @@ pub struct MessageBuilder {
 
 impl MessageBuilder {
     pub fn new(topic: Topic, event: impl Into<String>, data: Box<RawValue>) -> Self {
-        Self { topic, event: event.into(), data, id: None, seq: None, from: None, trace_id: None, durable: false, ts: None }
+        Self {
+            topic,
+            event: event.into(),
+            data,
+            id: None,
+            seq: None,
+            from: None,
+            trace_id: None,
+            durable: false,
+            ts: None,
+        }
     }
 
     pub fn build(self) -> Message {
@@ -106,7 +116,10 @@ pub fn new_id() -> String {
 
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Now, in Unix seconds.

@@ -105,7 +105,8 @@ impl ConnQueue {
         if g.items.len() >= self.capacity {
             let now = Instant::now();
             let since = *g.full_since.get_or_insert(now);
-            if now.duration_since(since) >= self.slow_timeout || g.items.len() >= self.capacity * 2 {
+            if now.duration_since(since) >= self.slow_timeout || g.items.len() >= self.capacity * 2
+            {
                 Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer");
                 let waker = g.waker.take();
                 drop(g);
@@ -161,7 +162,10 @@ impl ConnQueue {
     pub fn close(&self, code: u16, reason: impl Into<Cow<'static, str>>) {
         let mut g = self.inner.lock();
         if g.close.is_none() {
-            g.close = Some(CloseRequest { code, reason: reason.into() });
+            g.close = Some(CloseRequest {
+                code,
+                reason: reason.into(),
+            });
         }
         let waker = g.waker.take();
         drop(g);
@@ -172,12 +176,20 @@ impl ConnQueue {
         g.dropped += g.ephemeral as u64;
         g.items.clear();
         g.ephemeral = 0;
-        g.close = Some(CloseRequest { code, reason: Cow::Borrowed(reason) });
+        g.close = Some(CloseRequest {
+            code,
+            reason: Cow::Borrowed(reason),
+        });
     }
 
     /// Move up to `max` queued items into `out`. Ready when at least one item was moved, or
     /// when the queue is closing and empty (then yields the close request).
-    pub fn poll_drain(&self, cx: &mut Context<'_>, out: &mut Vec<Outgoing>, max: usize) -> Poll<Option<CloseRequest>> {
+    pub fn poll_drain(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Outgoing>,
+        max: usize,
+    ) -> Poll<Option<CloseRequest>> {
         let mut g = self.inner.lock();
         if g.items.is_empty() {
             if let Some(c) = &g.close {
@@ -279,7 +291,10 @@ mod tests {
         assert_eq!(q.push_message(msg(3, false)), Push::DroppedOldest);
         assert_eq!(q.dropped(), 1);
         let (items, close) = drain_now(&q);
-        assert_eq!(items.iter().map(data_of).collect::<Vec<_>>(), ["1", "2", "3"]);
+        assert_eq!(
+            items.iter().map(data_of).collect::<Vec<_>>(),
+            ["1", "2", "3"]
+        );
         assert!(close.is_none());
     }
 
@@ -292,7 +307,10 @@ mod tests {
         assert_eq!(q.push_message(msg(3, false)), Push::DroppedOldest);
         let (items, _) = drain_now(&q);
         // ephemeral 1 was dropped for 3; durable 0 and 2 survive.
-        assert_eq!(items.iter().map(data_of).collect::<Vec<_>>(), ["0", "2", "3"]);
+        assert_eq!(
+            items.iter().map(data_of).collect::<Vec<_>>(),
+            ["0", "2", "3"]
+        );
     }
 
     #[test]
@@ -315,7 +333,11 @@ mod tests {
         let _ = drain_now(&q);
         std::thread::sleep(Duration::from_millis(60));
         q.push_message(msg(2, false));
-        assert_eq!(q.push_message(msg(3, false)), Push::DroppedOldest, "timer restarted after progress");
+        assert_eq!(
+            q.push_message(msg(3, false)),
+            Push::DroppedOldest,
+            "timer restarted after progress"
+        );
     }
 
     #[test]

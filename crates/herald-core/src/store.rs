@@ -90,7 +90,12 @@ pub trait Store: Send + Sync + 'static {
     /// Mark acked; returns how many of `ids` were this user's unacked messages.
     async fn ack(&self, user: &str, ids: &[String]) -> Result<usize, StoreError>;
     /// The inbox, newest first, optionally filtered by status.
-    async fn list(&self, user: &str, status: Option<InboxStatus>, limit: usize) -> Result<Vec<InboxRecord>, StoreError>;
+    async fn list(
+        &self,
+        user: &str,
+        status: Option<InboxStatus>,
+        limit: usize,
+    ) -> Result<Vec<InboxRecord>, StoreError>;
     /// Reachability, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -106,7 +111,10 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Self { max_per_user: 1000, max_age: Duration::from_secs(7 * 24 * 3600) }
+        Self {
+            max_per_user: 1000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
     }
 }
 
@@ -127,14 +135,19 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(retention: Retention) -> Self {
-        Self { inner: Mutex::new(Inboxes::default()), retention }
+        Self {
+            inner: Mutex::new(Inboxes::default()),
+            retention,
+        }
     }
 
     fn expire(inboxes: &mut Inboxes, user: &str, retention: Retention) {
         let cutoff = now_ms().saturating_sub(retention.max_age.as_millis() as u64);
         let Inboxes { by_user, owner } = inboxes;
         if let Some(q) = by_user.get_mut(user) {
-            while q.front().is_some_and(|r| r.created_at < cutoff) || q.len() > retention.max_per_user {
+            while q.front().is_some_and(|r| r.created_at < cutoff)
+                || q.len() > retention.max_per_user
+            {
                 if let Some(r) = q.pop_front() {
                     owner.remove(&r.id);
                 }
@@ -162,7 +175,13 @@ impl Store for MemoryStore {
         Self::expire(&mut g, user, self.retention);
         Ok(g.by_user
             .get(user)
-            .map(|q| q.iter().filter(|r| r.status != InboxStatus::Acked).take(limit).cloned().collect())
+            .map(|q| {
+                q.iter()
+                    .filter(|r| r.status != InboxStatus::Acked)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -170,7 +189,10 @@ impl Store for MemoryStore {
         let mut g = self.inner.lock();
         let now = now_ms();
         if let Some(q) = g.by_user.get_mut(user) {
-            for r in q.iter_mut().filter(|r| r.status == InboxStatus::Pending && ids.contains(&r.id)) {
+            for r in q
+                .iter_mut()
+                .filter(|r| r.status == InboxStatus::Pending && ids.contains(&r.id))
+            {
                 r.status = InboxStatus::Sent;
                 r.updated_at = now;
             }
@@ -183,7 +205,10 @@ impl Store for MemoryStore {
         let now = now_ms();
         let mut n = 0;
         if let Some(q) = g.by_user.get_mut(user) {
-            for r in q.iter_mut().filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id)) {
+            for r in q
+                .iter_mut()
+                .filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id))
+            {
                 r.status = InboxStatus::Acked;
                 r.updated_at = now;
                 n += 1;
@@ -192,13 +217,23 @@ impl Store for MemoryStore {
         Ok(n)
     }
 
-    async fn list(&self, user: &str, status: Option<InboxStatus>, limit: usize) -> Result<Vec<InboxRecord>, StoreError> {
+    async fn list(
+        &self,
+        user: &str,
+        status: Option<InboxStatus>,
+        limit: usize,
+    ) -> Result<Vec<InboxRecord>, StoreError> {
         let mut g = self.inner.lock();
         Self::expire(&mut g, user, self.retention);
         Ok(g.by_user
             .get(user)
             .map(|q| {
-                q.iter().rev().filter(|r| status.is_none_or(|s| r.status == s)).take(limit).cloned().collect()
+                q.iter()
+                    .rev()
+                    .filter(|r| status.is_none_or(|s| r.status == s))
+                    .take(limit)
+                    .cloned()
+                    .collect()
             })
             .unwrap_or_default())
     }
@@ -229,18 +264,39 @@ mod tests {
 
     #[tokio::test]
     async fn lifecycle_and_idempotency() {
-        let s = MemoryStore::new(Retention { max_per_user: 2, ..Retention::default() });
+        let s = MemoryStore::new(Retention {
+            max_per_user: 2,
+            ..Retention::default()
+        });
         assert_eq!(s.insert(rec("1", "u")).await.unwrap(), Inserted::New);
         assert_eq!(s.insert(rec("1", "u")).await.unwrap(), Inserted::Duplicate);
         s.insert(rec("2", "u")).await.unwrap();
         s.mark_sent("u", &["1".into()]).await.unwrap();
-        assert_eq!(s.list("u", Some(InboxStatus::Sent), 10).await.unwrap().len(), 1);
+        assert_eq!(
+            s.list("u", Some(InboxStatus::Sent), 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         assert_eq!(s.ack("u", &["1".into(), "nope".into()]).await.unwrap(), 1);
-        assert_eq!(s.ack("other", &["2".into()]).await.unwrap(), 0, "only the owner acks");
+        assert_eq!(
+            s.ack("other", &["2".into()]).await.unwrap(),
+            0,
+            "only the owner acks"
+        );
         let und = s.undelivered("u", 10).await.unwrap();
         assert_eq!(und.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["2"]);
         s.insert(rec("3", "u")).await.unwrap();
-        assert_eq!(s.list("u", None, 10).await.unwrap().len(), 2, "oldest evicted past max_per_user");
-        assert_eq!(s.insert(rec("1", "u")).await.unwrap(), Inserted::New, "evicted ids are forgotten");
+        assert_eq!(
+            s.list("u", None, 10).await.unwrap().len(),
+            2,
+            "oldest evicted past max_per_user"
+        );
+        assert_eq!(
+            s.insert(rec("1", "u")).await.unwrap(),
+            Inserted::New,
+            "evicted ids are forgotten"
+        );
     }
 }

@@ -25,13 +25,31 @@ pub struct Request {
 #[derive(Debug, Clone)]
 pub enum ClientFrame {
     Subscribe(Subscribe),
-    Unsubscribe { topics: Vec<String> },
-    Publish { topic: String, event: String, data: Box<RawValue> },
-    JoinRoom { room: String },
-    LeaveRoom { room: String },
-    Ack { ids: Vec<String> },
-    Auth { token: String },
-    Command { command: String, trace_id: Option<String>, data: Box<RawValue> },
+    Unsubscribe {
+        topics: Vec<String>,
+    },
+    Publish {
+        topic: String,
+        event: String,
+        data: Box<RawValue>,
+    },
+    JoinRoom {
+        room: String,
+    },
+    LeaveRoom {
+        room: String,
+    },
+    Ack {
+        ids: Vec<String>,
+    },
+    Auth {
+        token: String,
+    },
+    Command {
+        command: String,
+        trace_id: Option<String>,
+        data: Box<RawValue>,
+    },
     Ping,
 }
 
@@ -154,10 +172,16 @@ pub fn parse_request(text: &str) -> Result<Request, ParseError> {
         message: format!("malformed JSON: {e}"),
     })?;
     let Value::Object(mut map) = value else {
-        return Err(ParseError { id: None, message: "a frame must be a JSON object".into() });
+        return Err(ParseError {
+            id: None,
+            message: "a frame must be a JSON object".into(),
+        });
     };
     let id = map.remove("id");
-    let err = |message: String| ParseError { id: id.clone(), message };
+    let err = |message: String| ParseError {
+        id: id.clone(),
+        message,
+    };
     let kind = match map.remove("type") {
         Some(Value::String(s)) => s,
         Some(_) => return Err(err("`type` must be a string".into())),
@@ -175,16 +199,30 @@ pub fn parse_request(text: &str) -> Result<Request, ParseError> {
         }
         "unsubscribe" => {
             let f: TopicsFields = fields(&kind, map, &id)?;
-            ClientFrame::Unsubscribe { topics: one_or_many(&kind, f.topic, f.topics, &id)? }
+            ClientFrame::Unsubscribe {
+                topics: one_or_many(&kind, f.topic, f.topics, &id)?,
+            }
         }
         "publish" => {
             let f: PublishFields = fields(&kind, map, &id)?;
-            ClientFrame::Publish { topic: f.topic, event: f.event, data: f.data.unwrap_or_else(null_raw) }
+            ClientFrame::Publish {
+                topic: f.topic,
+                event: f.event,
+                data: f.data.unwrap_or_else(null_raw),
+            }
         }
-        "join_room" => ClientFrame::JoinRoom { room: fields::<RoomFields>(&kind, map, &id)?.room },
-        "leave_room" => ClientFrame::LeaveRoom { room: fields::<RoomFields>(&kind, map, &id)?.room },
-        "ack" => ClientFrame::Ack { ids: fields::<AckFields>(&kind, map, &id)?.ids },
-        "auth" => ClientFrame::Auth { token: fields::<AuthFields>(&kind, map, &id)?.token },
+        "join_room" => ClientFrame::JoinRoom {
+            room: fields::<RoomFields>(&kind, map, &id)?.room,
+        },
+        "leave_room" => ClientFrame::LeaveRoom {
+            room: fields::<RoomFields>(&kind, map, &id)?.room,
+        },
+        "ack" => ClientFrame::Ack {
+            ids: fields::<AckFields>(&kind, map, &id)?.ids,
+        },
+        "auth" => ClientFrame::Auth {
+            token: fields::<AuthFields>(&kind, map, &id)?.token,
+        },
         "command" => {
             let f: CommandFields = fields(&kind, map, &id)?;
             ClientFrame::Command {
@@ -207,8 +245,10 @@ fn fields<T: serde::de::DeserializeOwned>(
     map: Map<String, Value>,
     id: &Option<Value>,
 ) -> Result<T, ParseError> {
-    serde_json::from_value(Value::Object(map))
-        .map_err(|e| ParseError { id: id.clone(), message: format!("invalid {kind}: {e}") })
+    serde_json::from_value(Value::Object(map)).map_err(|e| ParseError {
+        id: id.clone(),
+        message: format!("invalid {kind}: {e}"),
+    })
 }
 
 fn one_or_many(
@@ -217,7 +257,10 @@ fn one_or_many(
     many: Option<Vec<String>>,
     id: &Option<Value>,
 ) -> Result<Vec<String>, ParseError> {
-    let err = |m: &str| ParseError { id: id.clone(), message: format!("invalid {kind}: {m}") };
+    let err = |m: &str| ParseError {
+        id: id.clone(),
+        message: format!("invalid {kind}: {m}"),
+    };
     match (one, many) {
         (Some(t), None) => Ok(vec![t]),
         (None, Some(ts)) if !ts.is_empty() => Ok(ts),
@@ -276,7 +319,9 @@ struct Tagged<'a, T: Serialize> {
 fn encode<T: Serialize>(kind: &str, body: T) -> Bytes {
     // Serializing these plain structs into a Vec cannot fail (no maps with non-string keys,
     // no failing Serialize impls); an empty frame is the harmless fallback.
-    serde_json::to_vec(&Tagged { kind, body }).map(Bytes::from).unwrap_or_default()
+    serde_json::to_vec(&Tagged { kind, body })
+        .map(Bytes::from)
+        .unwrap_or_default()
 }
 
 /// `{"type":"message",…}` — encode once, share the bytes with every subscriber.
@@ -294,12 +339,26 @@ pub fn encode_welcome(conn_id: &str, user_id: &str, node_id: &str, heartbeat_ms:
         heartbeat_ms: u64,
         protocol: &'a str,
     }
-    encode("welcome", W { conn_id, user_id, node_id, heartbeat_ms, protocol: SUBPROTOCOL })
+    encode(
+        "welcome",
+        W {
+            conn_id,
+            user_id,
+            node_id,
+            heartbeat_ms,
+            protocol: SUBPROTOCOL,
+        },
+    )
 }
 
 /// `{"type":"reply","id":…,"code":…,"message":…, …extra}`; `extra` must be a JSON object's
 /// fields (e.g. `topic`, `seq`, `recovered`, `results`).
-pub fn encode_reply(id: &Value, code: u16, message: &str, extra: Option<&Map<String, Value>>) -> Bytes {
+pub fn encode_reply(
+    id: &Value,
+    code: u16,
+    message: &str,
+    extra: Option<&Map<String, Value>>,
+) -> Bytes {
     #[derive(Serialize)]
     struct R<'a> {
         id: &'a Value,
@@ -308,7 +367,15 @@ pub fn encode_reply(id: &Value, code: u16, message: &str, extra: Option<&Map<Str
         #[serde(flatten, skip_serializing_if = "Option::is_none")]
         extra: Option<&'a Map<String, Value>>,
     }
-    encode("reply", R { id, code, message, extra })
+    encode(
+        "reply",
+        R {
+            id,
+            code,
+            message,
+            extra,
+        },
+    )
 }
 
 /// `{"type":"error","code":…,"message":…}` — for failed requests that carried no `id`.
@@ -346,12 +413,16 @@ mod tests {
     fn subscribe_single_and_batch() {
         let r = parse(r#"{"type":"subscribe","id":1,"topic":"a/b"}"#).unwrap();
         assert_eq!(r.id, Some(Value::from(1)));
-        let ClientFrame::Subscribe(s) = r.frame else { panic!() };
+        let ClientFrame::Subscribe(s) = r.frame else {
+            panic!()
+        };
         assert_eq!(s.topics, vec!["a/b"]);
         assert!(s.snapshot);
         let r = parse(r#"{"type":"subscribe","id":"x","topics":["a","b"],"since":4,"keys":["t"],"snapshot":false}"#)
             .unwrap();
-        let ClientFrame::Subscribe(s) = r.frame else { panic!() };
+        let ClientFrame::Subscribe(s) = r.frame else {
+            panic!()
+        };
         assert_eq!(s.topics, vec!["a", "b"]);
         assert_eq!(s.since, Some(4));
         assert_eq!(s.keys, Some(vec!["t".to_string()]));
@@ -369,11 +440,20 @@ mod tests {
         let e = parse(r#"{"type":"subscribe","id":7}"#).unwrap_err();
         assert!(e.message.contains("missing field `topic`"), "{}", e.message);
         let e = parse(r#"{"type":"publish","topic":"a"}"#).unwrap_err();
-        assert!(e.message.contains("invalid publish") && e.message.contains("event"), "{}", e.message);
+        assert!(
+            e.message.contains("invalid publish") && e.message.contains("event"),
+            "{}",
+            e.message
+        );
         let e = parse(r#"{"type":"ping","bogus":1}"#).unwrap_err();
         assert!(e.message.contains("unknown field"), "{}", e.message);
         assert!(parse("[]").is_err());
-        assert!(parse(r#"{"id":1}"#).unwrap_err().message.contains("missing field `type`"));
+        assert!(
+            parse(r#"{"id":1}"#)
+                .unwrap_err()
+                .message
+                .contains("missing field `type`")
+        );
         assert!(parse(r#"{"type":5}"#).is_err());
         assert!(parse(r#"{"type":"subscribe","topics":[]}"#).is_err());
         assert!(parse(r#"{"type":"subscribe","topic":"a","topics":["b"]}"#).is_err());
@@ -382,16 +462,33 @@ mod tests {
 
     #[test]
     fn other_frames() {
-        assert!(matches!(parse(r#"{"type":"ping"}"#).unwrap().frame, ClientFrame::Ping));
-        let p = parse(r#"{"type":"publish","topic":"room/a","event":"chat","data":{"x":[1,2]}}"#).unwrap();
-        let ClientFrame::Publish { data, .. } = p.frame else { panic!() };
+        assert!(matches!(
+            parse(r#"{"type":"ping"}"#).unwrap().frame,
+            ClientFrame::Ping
+        ));
+        let p = parse(r#"{"type":"publish","topic":"room/a","event":"chat","data":{"x":[1,2]}}"#)
+            .unwrap();
+        let ClientFrame::Publish { data, .. } = p.frame else {
+            panic!()
+        };
         assert_eq!(data.get(), r#"{"x":[1,2]}"#);
-        let ClientFrame::Ack { ids } = parse(r#"{"type":"ack","ids":["a","b"]}"#).unwrap().frame else { panic!() };
+        let ClientFrame::Ack { ids } = parse(r#"{"type":"ack","ids":["a","b"]}"#).unwrap().frame
+        else {
+            panic!()
+        };
         assert_eq!(ids.len(), 2);
-        assert!(matches!(parse(r#"{"type":"join_room","room":"r"}"#).unwrap().frame, ClientFrame::JoinRoom { .. }));
-        assert!(matches!(parse(r#"{"type":"auth","token":"t"}"#).unwrap().frame, ClientFrame::Auth { .. }));
+        assert!(matches!(
+            parse(r#"{"type":"join_room","room":"r"}"#).unwrap().frame,
+            ClientFrame::JoinRoom { .. }
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"auth","token":"t"}"#).unwrap().frame,
+            ClientFrame::Auth { .. }
+        ));
         let c = parse(r#"{"type":"command","command":"CALL","trace_id":"t-1"}"#).unwrap();
-        let ClientFrame::Command { data, .. } = c.frame else { panic!() };
+        let ClientFrame::Command { data, .. } = c.frame else {
+            panic!()
+        };
         assert_eq!(data.get(), "null");
     }
 
@@ -421,7 +518,9 @@ mod tests {
         assert_eq!(w["protocol"], SUBPROTOCOL);
         let mut extra = Map::new();
         extra.insert("recovered".into(), Value::Bool(false));
-        let r: Value = serde_json::from_slice(&encode_reply(&Value::from("1"), 0, "ok", Some(&extra))).unwrap();
+        let r: Value =
+            serde_json::from_slice(&encode_reply(&Value::from("1"), 0, "ok", Some(&extra)))
+                .unwrap();
         assert_eq!(r["id"], "1");
         assert_eq!(r["recovered"], false);
         let e: Value = serde_json::from_slice(&encode_error(400, "bad")).unwrap();

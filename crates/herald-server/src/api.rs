@@ -37,7 +37,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/publish/batch", post(publish_batch))
         .route("/api/v1/broadcast", post(broadcast))
-        .route("/api/v1/users/{user}/messages", post(user_message).get(user_inbox))
+        .route(
+            "/api/v1/users/{user}/messages",
+            post(user_message).get(user_inbox),
+        )
         .route("/api/v1/rooms/{room}/messages", post(room_message))
         .route("/api/v1/users/{user}/presence", get(user_presence))
         .route("/api/v1/presence", get(presence))
@@ -55,7 +58,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// A JSON error response.
 pub fn json_error(status: StatusCode, message: &str) -> Response {
-    (status, Json(json!({ "code": status.as_u16(), "message": message }))).into_response()
+    (
+        status,
+        Json(json!({ "code": status.as_u16(), "message": message })),
+    )
+        .into_response()
 }
 
 /// The core error as an HTTP response: the status is [`Error::code`].
@@ -74,7 +81,8 @@ impl IntoResponse for ApiError {
             Origin::Backend => tracing::warn!(error = %self.0, "api request failed"),
             Origin::Internal => tracing::error!(error = %self.0, "api request failed"),
         }
-        let status = StatusCode::from_u16(self.0.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         json_error(status, &self.0.to_string())
     }
 }
@@ -82,24 +90,42 @@ impl IntoResponse for ApiError {
 type ApiResult = Result<Response, Response>;
 
 fn authorize(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<(), Response> {
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
-    state.auth.authorize_api(bearer, scope).map(|_| ()).map_err(|e| {
-        state.metrics.error(if e == ApiAuthError::Forbidden { "forbidden" } else { "unauthenticated" });
-        let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
-        let message = match e {
-            ApiAuthError::Missing => "missing API key (Authorization: Bearer <key>)".to_owned(),
-            ApiAuthError::Unknown => "unknown API key".to_owned(),
-            ApiAuthError::Forbidden => format!("API key lacks the `{}` scope", scope.as_str()),
-        };
-        json_error(status, &message)
-    })
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
+    state
+        .auth
+        .authorize_api(bearer, scope)
+        .map(|_| ())
+        .map_err(|e| {
+            state.metrics.error(if e == ApiAuthError::Forbidden {
+                "forbidden"
+            } else {
+                "unauthenticated"
+            });
+            let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let message = match e {
+                ApiAuthError::Missing => "missing API key (Authorization: Bearer <key>)".to_owned(),
+                ApiAuthError::Unknown => "unknown API key".to_owned(),
+                ApiAuthError::Forbidden => format!("API key lacks the `{}` scope", scope.as_str()),
+            };
+            json_error(status, &message)
+        })
 }
 
 /// Read and parse a JSON body of at most `limit` bytes.
-async fn read_json<T: DeserializeOwned>(state: &AppState, body: Body, limit: usize) -> Result<T, Response> {
+async fn read_json<T: DeserializeOwned>(
+    state: &AppState,
+    body: Body,
+    limit: usize,
+) -> Result<T, Response> {
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         state.metrics.error("too_large");
-        json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body larger than {limit} bytes"))
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("body larger than {limit} bytes"),
+        )
     })?;
     serde_json::from_slice(&bytes).map_err(|e| {
         state.metrics.error("bad_request");
@@ -166,7 +192,9 @@ impl EventReq {
 
 fn check_token(name: &str, v: &str) -> Result<(), Error> {
     if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
-        return Err(Error::BadRequest(format!("`{name}` must be 1 to 128 printable characters")));
+        return Err(Error::BadRequest(format!(
+            "`{name}` must be 1 to 128 printable characters"
+        )));
     }
     Ok(())
 }
@@ -206,21 +234,29 @@ async fn publish_one(state: &AppState, req: PublishReq) -> Result<Published, Err
         check_token("partition", p)?;
     }
     if req.ttl.is_some() {
-        return Err(Error::BadRequest("`ttl` is not supported by this build".into()));
+        return Err(Error::BadRequest(
+            "`ttl` is not supported by this build".into(),
+        ));
     }
     let data = match req.data {
         Some(d) => d,
-        None => RawValue::from_string("null".to_owned()).map_err(|e| Error::Internal(e.to_string()))?,
+        None => {
+            RawValue::from_string("null".to_owned()).map_err(|e| Error::Internal(e.to_string()))?
+        }
     };
     let max = state.config.limits.max_message_size;
     if data.get().len() > max {
-        return Err(Error::TooLarge(format!("`data` is larger than {max} bytes")));
+        return Err(Error::TooLarge(format!(
+            "`data` is larger than {max} bytes"
+        )));
     }
     let options = state.acl.options(&topic);
     let durable = req.durable.unwrap_or(options.durable);
     let inbox_user = durable.then(|| inbox_owner(&topic)).flatten();
     if durable && inbox_user.is_none() {
-        return Err(Error::BadRequest("durable messages go to a user's inbox: topic `user/{id}` or `user/{id}/…`".into()));
+        return Err(Error::BadRequest(
+            "durable messages go to a user's inbox: topic `user/{id}` or `user/{id}/…`".into(),
+        ));
     }
     let mut b = MessageBuilder::new(topic, event, data);
     b.id = req.id;
@@ -243,11 +279,19 @@ async fn publish_one(state: &AppState, req: PublishReq) -> Result<Published, Err
         };
         // Stored before the publisher is answered; a duplicate id stores and delivers nothing.
         if state.store.insert(record).await? == Inserted::Duplicate {
-            return Ok(Published { id: msg.id.to_string(), seq: None, status: "duplicate" });
+            return Ok(Published {
+                id: msg.id.to_string(),
+                seq: None,
+                status: "duplicate",
+            });
         }
         status = InboxStatus::Pending.as_str();
     }
-    let published = Published { id: msg.id.to_string(), seq: msg.seq, status };
+    let published = Published {
+        id: msg.id.to_string(),
+        seq: msg.seq,
+        status,
+    };
     tracing::debug!(trace_id = msg.trace_id.as_deref(), topic = %msg.topic, id = %msg.id, durable, "publish");
     state.metrics.received_api.increment(1);
     state.bus.publish(Arc::new(msg)).await?;
@@ -284,7 +328,11 @@ async fn publish(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     Ok(Json(p.to_json(false)).into_response())
 }
 
-async fn publish_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn publish_batch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -294,7 +342,10 @@ async fn publish_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, b
     let limit = body_limit(&state).saturating_mul(8).max(1 << 20);
     let batch: Batch = read_json(&state, body, limit).await?;
     if batch.messages.len() > MAX_BATCH {
-        return Err(err(&state, Error::BadRequest(format!("at most {MAX_BATCH} messages per batch"))));
+        return Err(err(
+            &state,
+            Error::BadRequest(format!("at most {MAX_BATCH} messages per batch")),
+        ));
     }
     ingest_allowed(&state, batch.messages.len())?;
     let mut results = Vec::with_capacity(batch.messages.len());
@@ -314,31 +365,51 @@ async fn publish_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, b
     Ok(Json(json!({ "results": results })).into_response())
 }
 
-async fn broadcast(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn broadcast(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
     let req: EventReq = read_json(&state, body, body_limit(&state)).await?;
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req.into_publish("broadcast".to_owned())).await.map_err(|e| err(&state, e))?;
+    let p = publish_one(&state, req.into_publish("broadcast".to_owned()))
+        .await
+        .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(false)).into_response())
 }
 
-async fn room_message(State(state): State<Arc<AppState>>, Path(room): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn room_message(
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
     let req: EventReq = read_json(&state, body, body_limit(&state)).await?;
     let topic = Topic::room(&room).map_err(|e| err(&state, e.into()))?;
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned())).await.map_err(|e| err(&state, e))?;
+    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned()))
+        .await
+        .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(false)).into_response())
 }
 
-async fn user_message(State(state): State<Arc<AppState>>, Path(user): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn user_message(
+    State(state): State<Arc<AppState>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
     let mut req: EventReq = read_json(&state, body, body_limit(&state)).await?;
     let topic = Topic::user(&user).map_err(|e| err(&state, e.into()))?;
     // User messages are durable unless the publisher says otherwise.
     req.durable = Some(req.durable.unwrap_or(true));
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned())).await.map_err(|e| err(&state, e))?;
+    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned()))
+        .await
+        .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(true)).into_response())
 }
 
@@ -361,57 +432,116 @@ async fn user_inbox(
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(InboxStatus::parse(s).ok_or_else(|| {
-            err(&state, Error::BadRequest(format!("unknown status {s:?} (pending, sent, acked, failed)")))
+            err(
+                &state,
+                Error::BadRequest(format!(
+                    "unknown status {s:?} (pending, sent, acked, failed)"
+                )),
+            )
         })?),
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let records = state.store.list(&user, status, limit).await.map_err(|e| err(&state, e.into()))?;
+    let records = state
+        .store
+        .list(&user, status, limit)
+        .await
+        .map_err(|e| err(&state, e.into()))?;
     Ok(Json(json!({ "user": user, "messages": records })).into_response())
 }
 
-async fn user_presence(State(state): State<Arc<AppState>>, Path(user): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn user_presence(
+    State(state): State<Arc<AppState>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
-    let n = state.presence.user_connections(&user).await.map_err(|e| err(&state, e.into()))?;
+    let n = state
+        .presence
+        .user_connections(&user)
+        .await
+        .map_err(|e| err(&state, e.into()))?;
     Ok(Json(json!({ "user": user, "online": n > 0, "connections": n })).into_response())
 }
 
 async fn presence(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult {
     authorize(&state, &headers, Scope::Admin)?;
-    let mut users = state.presence.online().await.map_err(|e| err(&state, e.into()))?;
+    let mut users = state
+        .presence
+        .online()
+        .await
+        .map_err(|e| err(&state, e.into()))?;
     users.sort();
     let connections: u64 = users.iter().map(|(_, n)| n).sum();
-    let list: Vec<Value> = users.iter().map(|(u, n)| json!({ "user": u, "connections": n })).collect();
-    Ok(Json(json!({ "online_users": users.len(), "connections": connections, "users": list })).into_response())
+    let list: Vec<Value> = users
+        .iter()
+        .map(|(u, n)| json!({ "user": u, "connections": n }))
+        .collect();
+    Ok(
+        Json(json!({ "online_users": users.len(), "connections": connections, "users": list }))
+            .into_response(),
+    )
 }
 
-async fn topic_subscribers(State(state): State<Arc<AppState>>, Path(topic): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn topic_subscribers(
+    State(state): State<Arc<AppState>>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
     let topic = Topic::parse(&topic).map_err(|e| err(&state, e.into()))?;
-    let n = state.presence.topic_subscribers(&topic).await.map_err(|e| err(&state, e.into()))?;
+    let n = state
+        .presence
+        .topic_subscribers(&topic)
+        .await
+        .map_err(|e| err(&state, e.into()))?;
     Ok(Json(json!({ "topic": topic.as_str(), "subscribers": n })).into_response())
 }
 
-async fn disconnect_user(State(state): State<Arc<AppState>>, Path(user): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn disconnect_user(
+    State(state): State<Arc<AppState>>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     authorize(&state, &headers, Scope::Admin)?;
-    let n = state.presence.user_connections(&user).await.map_err(|e| err(&state, e.into()))?;
-    state.bus.control(ControlEvent::DisconnectUser { user: user.clone() }).await.map_err(|e| err(&state, e.into()))?;
+    let n = state
+        .presence
+        .user_connections(&user)
+        .await
+        .map_err(|e| err(&state, e.into()))?;
+    state
+        .bus
+        .control(ControlEvent::DisconnectUser { user: user.clone() })
+        .await
+        .map_err(|e| err(&state, e.into()))?;
     Ok(Json(json!({ "user": user, "disconnected": n })).into_response())
 }
 
 async fn revoke(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
     authorize(&state, &headers, Scope::Admin)?;
     let req: RevocationRequest = read_json(&state, body, 64 * 1024).await?;
-    let r = req.into_revocation(now_secs()).map_err(|m| err(&state, Error::BadRequest(m)))?;
+    let r = req
+        .into_revocation(now_secs())
+        .map_err(|m| err(&state, Error::BadRequest(m)))?;
     // Count the local connections it closes (the bus applies it on every node).
     let mut disconnected = 0usize;
     state.hub.for_each_connection(|c| {
         let s = c.session.lock();
         let by_jti = r.jti.is_some() && s.jti == r.jti;
-        let by_user = r.user.as_deref() == Some(&*c.user) && s.issued_at.is_none_or(|iat| iat <= r.at);
+        let by_user =
+            r.user.as_deref() == Some(&*c.user) && s.issued_at.is_none_or(|iat| iat <= r.at);
         disconnected += usize::from(by_jti || by_user);
     });
-    let event = ControlEvent::Revoke { jti: r.jti, user: r.user, at: r.at, until: r.until };
-    state.bus.control(event).await.map_err(|e| err(&state, e.into()))?;
+    let event = ControlEvent::Revoke {
+        jti: r.jti,
+        user: r.user,
+        at: r.at,
+        until: r.until,
+    };
+    state
+        .bus
+        .control(event)
+        .await
+        .map_err(|e| err(&state, e.into()))?;
     Ok(Json(json!({ "revoked": true, "disconnected": disconnected })).into_response())
 }
 
@@ -437,7 +567,9 @@ async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiRes
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let store_up = state.store.ping().await.is_ok();
-    let body = state.metrics.render(&state.hub.stats(), state.bus.healthy(), store_up);
+    let body = state
+        .metrics
+        .render(&state.hub.stats(), state.bus.healthy(), store_up);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -455,7 +587,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "bus": if bus { "ok" } else { "down" },
         "store": if store { "ok" } else { "down" },
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 

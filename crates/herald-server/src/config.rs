@@ -451,7 +451,6 @@ impl ServerConfig {
 impl LimitsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         const MS: Duration = Duration::from_millis(1);
-        const SEC: Duration = Duration::from_secs(1);
         const HOUR: Duration = Duration::from_secs(3600);
 
         check_range(
@@ -1473,7 +1472,7 @@ mod tests {
             ("HERALD_LIMITS__AUTH_TIMEOUT", "0s", "limits.auth_timeout"),
             (
                 "HERALD_LIMITS__HEARTBEAT_INTERVAL",
-                "500ms",
+                "50ms",
                 "limits.heartbeat_interval",
             ),
             (

@@ -23,12 +23,13 @@ pub mod metrics;
 pub mod state;
 pub mod ws;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tower_service::Service;
 use herald_core::acl::{Acl, AclError};
 use herald_core::bus::{Bus, MemoryBus, MemoryPresence, Presence};
 use herald_core::hub::Hub;
@@ -50,7 +51,10 @@ pub enum ServerError {
     #[error("topics: {0}")]
     Acl(#[from] AclError),
     #[error("{setting}: {message}")]
-    Backend { setting: &'static str, message: String },
+    Backend {
+        setting: &'static str,
+        message: String,
+    },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -60,7 +64,10 @@ pub enum ServerError {
 fn build_bus(url: &str, node_id: &str) -> Result<Arc<dyn Bus>, ServerError> {
     match url {
         "memory" => Ok(Arc::new(MemoryBus::new(node_id))),
-        other => Err(ServerError::Backend { setting: "bus.url", message: format!("unsupported bus {other:?} (supported: memory)") }),
+        other => Err(ServerError::Backend {
+            setting: "bus.url",
+            message: format!("unsupported bus {other:?} (supported: memory)"),
+        }),
     }
 }
 
@@ -68,14 +75,21 @@ fn build_bus(url: &str, node_id: &str) -> Result<Arc<dyn Bus>, ServerError> {
 fn build_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
     match url {
         "memory" => Ok(Arc::new(MemoryStore::new(Retention::default()))),
-        other => Err(ServerError::Backend { setting: "store.url", message: format!("unsupported store {other:?} (supported: memory)") }),
+        other => Err(ServerError::Backend {
+            setting: "store.url",
+            message: format!("unsupported store {other:?} (supported: memory)"),
+        }),
     }
 }
 
 /// Serve on `listener` until `shutdown` is cancelled, then drain: refuse new connections,
 /// send every client `reconnect` with a staggered `after_ms`, wait up to
 /// `server.shutdown_grace` for them to leave, close the rest with 1012, and return.
-pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let node_id: Arc<str> = config.server.node_id.as_str().into();
     let auth = Arc::new(JwtAuthenticator::new(&config.auth)?);
     let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
@@ -84,7 +98,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let store = build_store(&config.store.url)?;
     let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
     let metrics = metrics::Metrics::new();
-    bus.attach(Arc::new(Router { hub: hub.clone(), metrics: metrics.clone(), auth: auth.clone() }));
+    bus.attach(Arc::new(Router {
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        auth: auth.clone(),
+    }));
     hub.set_interest(bus.clone());
 
     let state = Arc::new(AppState {
@@ -119,22 +137,74 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node_id = %state.node_id, "serving");
-    let listener = listener.tap_io(|tcp| {
-        // Latency matters more than packet count; writes are already coalesced per batch.
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let http = tokio::spawn(serve_http(listener, api::router(state.clone()), state.clone()));
 
     shutdown.cancelled().await;
     drain(&state).await;
     housekeeping.abort();
-    match server.await {
-        Ok(r) => r?,
-        Err(e) => tracing::warn!(error = %e, "http server task ended abnormally"),
+    if let Err(e) = http.await {
+        tracing::warn!(error = %e, "http server task ended abnormally");
     }
     Ok(())
+}
+
+/// The accept loop: one hyper HTTP/1 connection per socket, with upgrades (for `/ws`), a
+/// header-read timeout of `limits.handshake_timeout` (a client that connects and sends
+/// nothing is dropped), and the peer address given to handlers as `ConnectInfo`. On shutdown
+/// it stops accepting, lets in-flight requests finish (idle keep-alive connections close at
+/// once) and waits for them up to `write_timeout`.
+async fn serve_http(listener: TcpListener, app: axum::Router, state: Arc<AppState>) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(state.config.limits.handshake_timeout);
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = state.shutdown.cancelled() => break,
+        };
+        // Latency matters more than packet count; writes are already coalesced per batch.
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let mut app = app.clone();
+            async move { app.call(req.map(axum::body::Body::new)).await }
+        });
+        let conn = builder.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+        let shutdown = state.shutdown.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(%peer, error = %e, "http connection ended");
+                        }
+                        break;
+                    }
+                    _ = shutdown.cancelled(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    let limit = state.config.limits.write_timeout;
+    if tokio::time::timeout(limit, connections.wait()).await.is_err() {
+        tracing::debug!("some http connections were still open at shutdown");
+    }
 }
 
 /// The graceful drain (SPEC §6): what must stay true is that no client is cut without a
@@ -144,22 +214,38 @@ async fn drain(state: &Arc<AppState>) {
     let grace = state.config.server.shutdown_grace;
     let spread = state.config.server.drain_spread.as_millis() as u64;
     let total = state.hub.connection_count();
-    tracing::info!(connections = total, grace_ms = grace.as_millis() as u64, "draining");
+    tracing::info!(
+        connections = total,
+        grace_ms = grace.as_millis() as u64,
+        "draining"
+    );
     // Stagger reconnects over [0, spread] so clients do not all come back at once.
     let mut i = 0u64;
     state.hub.for_each_connection(|c| {
-        let after_ms = if total <= 1 { 0 } else { spread * i / (total as u64 - 1) };
+        let after_ms = if total <= 1 {
+            0
+        } else {
+            spread * i / (total as u64 - 1)
+        };
         i += 1;
-        c.queue.push_frame(herald_proto::json::encode_reconnect("node draining", after_ms));
+        c.queue.push_frame(herald_proto::json::encode_reconnect(
+            "node draining",
+            after_ms,
+        ));
     });
     let deadline = Instant::now() + grace;
     while state.hub.connection_count() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    state.hub.for_each_connection(|c| c.queue.close(close::SERVICE_RESTART, "server restart"));
+    state
+        .hub
+        .for_each_connection(|c| c.queue.close(close::SERVICE_RESTART, "server restart"));
     state.tasks.close();
     let limit = state.config.limits.write_timeout + Duration::from_secs(1);
-    if tokio::time::timeout(limit, state.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(limit, state.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not close in time");
     }
     tracing::info!("drained");

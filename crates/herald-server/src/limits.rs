@@ -26,21 +26,28 @@ impl Limiters {
     /// A limit of 0 disables that limiter.
     pub fn new(l: &LimitsConfig) -> Self {
         Self {
-            subscribe: nz(l.subscribes_per_second).map(|n| RateLimiter::keyed(Quota::per_second(n))),
-            publish: nz(l.client_publishes_per_minute).map(|n| RateLimiter::keyed(Quota::per_minute(n))),
+            subscribe: nz(l.subscribes_per_second)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            publish: nz(l.client_publishes_per_minute)
+                .map(|n| RateLimiter::keyed(Quota::per_minute(n))),
             ingest: nz(l.ingest_per_second).map(|n| RateLimiter::direct(Quota::per_second(n))),
-            per_ip: nz(l.connections_per_ip_per_second).map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            per_ip: nz(l.connections_per_ip_per_second)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n))),
         }
     }
 
     /// One subscribe request of `user`.
     pub fn subscribe(&self, user: &Arc<str>) -> bool {
-        self.subscribe.as_ref().is_none_or(|l| l.check_key(user).is_ok())
+        self.subscribe
+            .as_ref()
+            .is_none_or(|l| l.check_key(user).is_ok())
     }
 
     /// One client publish of `user`.
     pub fn client_publish(&self, user: &Arc<str>) -> bool {
-        self.publish.as_ref().is_none_or(|l| l.check_key(user).is_ok())
+        self.publish
+            .as_ref()
+            .is_none_or(|l| l.check_key(user).is_ok())
     }
 
     /// `n` messages through the server API (all or nothing).
@@ -54,7 +61,9 @@ impl Limiters {
 
     /// One WebSocket handshake from `ip`.
     pub fn connection(&self, ip: IpAddr) -> bool {
-        self.per_ip.as_ref().is_none_or(|l| l.check_key(&ip).is_ok())
+        self.per_ip
+            .as_ref()
+            .is_none_or(|l| l.check_key(&ip).is_ok())
     }
 
     /// Forget keys whose buckets are full again (bounded memory for keyed limiters).

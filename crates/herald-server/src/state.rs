@@ -60,7 +60,9 @@ impl BusSink for Router {
             self.metrics.dropped_queue_full.increment(d.dropped as u64);
         }
         if d.slow_closed > 0 {
-            self.metrics.dropped_slow_consumer.increment(d.slow_closed as u64);
+            self.metrics
+                .dropped_slow_consumer
+                .increment(d.slow_closed as u64);
         }
         if let Some(trace_id) = msg.trace_id.as_deref() {
             tracing::debug!(trace_id, topic = %msg.topic, id = %msg.id, queued = d.queued, dropped = d.dropped, "fanout");
@@ -74,17 +76,28 @@ impl BusSink for Router {
                     c.queue.close(close::DISCONNECTED, "disconnected by server");
                 }
             }
-            ControlEvent::Revoke { jti, user, at, until } => {
+            ControlEvent::Revoke {
+                jti,
+                user,
+                at,
+                until,
+            } => {
                 self.hub.for_each_connection(|c| {
                     let s = c.session.lock();
                     let by_jti = jti.is_some() && s.jti == jti;
-                    let by_user = user.as_deref() == Some(&*c.user) && s.issued_at.is_none_or(|iat| iat <= at);
+                    let by_user = user.as_deref() == Some(&*c.user)
+                        && s.issued_at.is_none_or(|iat| iat <= at);
                     drop(s);
                     if by_jti || by_user {
                         c.queue.close(close::DISCONNECTED, "token revoked");
                     }
                 });
-                self.auth.revoke(Revocation { jti, user, until, at });
+                self.auth.revoke(Revocation {
+                    jti,
+                    user,
+                    until,
+                    at,
+                });
             }
         }
     }

@@ -67,11 +67,17 @@ pub async fn handler(
     mut req: Request,
 ) -> Response {
     if state.is_draining() {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "node draining, reconnect elsewhere");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node draining, reconnect elsewhere",
+        );
     }
     if !state.limiters.connection(peer.ip()) {
         state.metrics.error("rate_limited");
-        return json_error(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address");
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address",
+        );
     }
     let headers = req.headers();
     let origins = &state.config.server.allowed_origins;
@@ -123,7 +129,9 @@ pub async fn handler(
             .write_buffer_size(0)
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
         run_connection(task_state, ws, pre_auth, peer).await;
     });
 
@@ -132,7 +140,8 @@ pub async fn handler(
     let h = res.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes())) {
+    if let Ok(v) = HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
+    {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     if let Some(p) = protocol {
@@ -143,14 +152,18 @@ pub async fn handler(
 
 fn check_upgrade_headers(h: &HeaderMap) -> Result<String, &'static str> {
     let has_token = |name: header::HeaderName, token: &str| {
-        h.get_all(name).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-            v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
-        })
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
     if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
         return Err("expected a WebSocket upgrade request");
     }
-    if h.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+    if h.get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
         return Err("unsupported WebSocket version (need 13)");
     }
     h.get(header::SEC_WEBSOCKET_KEY)
@@ -190,7 +203,9 @@ fn credential_from(h: &HeaderMap, query: Option<&str>) -> Option<String> {
     let mut api_key = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned();
+        let v = percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned();
         match k {
             "token" if !v.is_empty() => return Some(v),
             "api_key" if !v.is_empty() => api_key = Some(v),
@@ -208,7 +223,10 @@ fn text(frame: Bytes) -> WsMessage {
 }
 
 fn close_frame(code: u16, reason: &str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() }))
+    WsMessage::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_owned().into(),
+    }))
 }
 
 /// Send a close frame, bounded by the write timeout; errors are irrelevant now.
@@ -224,7 +242,13 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
     loop {
         let frame = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
             Err(_) => {
-                send_close(ws, close::UNAUTHENTICATED, "authentication timeout", limits.write_timeout).await;
+                send_close(
+                    ws,
+                    close::UNAUTHENTICATED,
+                    "authentication timeout",
+                    limits.write_timeout,
+                )
+                .await;
                 return None;
             }
             Ok(None) | Ok(Some(Err(_))) => return None,
@@ -234,12 +258,21 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
             WsMessage::Text(t) => t,
             WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
             _ => {
-                send_close(ws, close::UNAUTHENTICATED, "authenticate first", limits.write_timeout).await;
+                send_close(
+                    ws,
+                    close::UNAUTHENTICATED,
+                    "authenticate first",
+                    limits.write_timeout,
+                )
+                .await;
                 return None;
             }
         };
         let reason = match json::parse_request(&text) {
-            Ok(ClientRequest { frame: ClientFrame::Auth { token }, .. }) => match state.auth.authenticate(&token) {
+            Ok(ClientRequest {
+                frame: ClientFrame::Auth { token },
+                ..
+            }) => match state.auth.authenticate(&token) {
                 Ok(a) => return Some(a),
                 Err(e) => e.to_string(),
             },
@@ -283,7 +316,12 @@ struct Ctx {
     errors_in_window: u32,
 }
 
-async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authenticated>, peer: SocketAddr) {
+async fn run_connection(
+    state: Arc<AppState>,
+    mut ws: Ws,
+    pre_auth: Option<Authenticated>,
+    peer: SocketAddr,
+) {
     let limits = state.config.limits.clone();
     let auth = match pre_auth {
         Some(a) => a,
@@ -298,10 +336,17 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
         id,
         user.clone(),
         ConnQueue::new(limits.send_queue, limits.slow_consumer_timeout),
-        Session { jti: auth.jti.clone(), issued_at: auth.issued_at, expires_at: auth.expires_at },
+        Session {
+            jti: auth.jti.clone(),
+            issued_at: auth.issued_at,
+            expires_at: auth.expires_at,
+        },
     ));
     state.hub.register(conn.clone());
-    let _registration = Registration { state: state.clone(), conn: conn.clone() };
+    let _registration = Registration {
+        state: state.clone(),
+        conn: conn.clone(),
+    };
     state.metrics.connections_opened.increment(1);
 
     // The user connection limit counts every node's connections (cluster-wide presence).
@@ -314,7 +359,13 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
     };
     if count > limits.max_connections_per_user as u64 {
         state.metrics.connection_closed("too_many_connections");
-        send_close(&mut ws, close::TOO_MANY_CONNECTIONS, "too many connections for this user", limits.write_timeout).await;
+        send_close(
+            &mut ws,
+            close::TOO_MANY_CONNECTIONS,
+            "too many connections for this user",
+            limits.write_timeout,
+        )
+        .await;
         return;
     }
 
@@ -327,8 +378,16 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
     state.hub.subscribe(&conn, &Topic::broadcast(), max_topics);
 
     let conn_id = format!("c-{}-{id}", state.node_id);
-    let welcome = json::encode_welcome(&conn_id, &user, &state.node_id, limits.heartbeat_interval.as_millis() as u64);
-    if timeout(limits.write_timeout, ws.send(text(welcome))).await.map_or(true, |r| r.is_err()) {
+    let welcome = json::encode_welcome(
+        &conn_id,
+        &user,
+        &state.node_id,
+        limits.heartbeat_interval.as_millis() as u64,
+    );
+    if timeout(limits.write_timeout, ws.send(text(welcome)))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
         return;
     }
     tracing::debug!(%peer, conn_id, user = %user, "connected");
@@ -337,7 +396,9 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
     match state.store.undelivered(&user, REPLAY_LIMIT).await {
         Ok(records) => {
             for r in records {
-                let Ok(topic) = Topic::parse(&r.topic) else { continue };
+                let Ok(topic) = Topic::parse(&r.topic) else {
+                    continue;
+                };
                 let mut b = MessageBuilder::new(topic, r.event, r.data);
                 b.id = Some(r.id);
                 b.trace_id = r.trace_id;
@@ -346,7 +407,9 @@ async fn run_connection(state: Arc<AppState>, mut ws: Ws, pre_auth: Option<Authe
                 conn.queue.push_message(Arc::new(b.build()));
             }
         }
-        Err(e) => tracing::warn!(error = %e, user = %user, "inbox replay failed; it will be retried on the next connect"),
+        Err(e) => {
+            tracing::warn!(error = %e, user = %user, "inbox replay failed; it will be retried on the next connect")
+        }
     }
 
     let mut ctx = Ctx {
@@ -377,9 +440,13 @@ fn far_future() -> Instant {
 async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &'static str {
     let limits = &state.config.limits;
     let mut last_seen = Instant::now();
-    let mut heartbeat = tokio::time::interval_at((Instant::now() + limits.heartbeat_interval).into(), limits.heartbeat_interval);
+    let mut heartbeat = tokio::time::interval_at(
+        (Instant::now() + limits.heartbeat_interval).into(),
+        limits.heartbeat_interval,
+    );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut expiry: Pin<Box<Sleep>> = Box::pin(sleep_until(ctx.expiry.unwrap_or_else(far_future).into()));
+    let mut expiry: Pin<Box<Sleep>> =
+        Box::pin(sleep_until(ctx.expiry.unwrap_or_else(far_future).into()));
     let conn = ctx.conn.clone();
     let mut batch: Vec<Outgoing> = Vec::new();
 
@@ -457,7 +524,12 @@ fn close_label(code: u16) -> &'static str {
 }
 
 /// Feed a drained batch to the socket and flush once.
-async fn write_batch(state: &AppState, ws: &mut Ws, conn: &ConnHandle, batch: &mut Vec<Outgoing>) -> Result<(), tungstenite::Error> {
+async fn write_batch(
+    state: &AppState,
+    ws: &mut Ws,
+    conn: &ConnHandle,
+    batch: &mut Vec<Outgoing>,
+) -> Result<(), tungstenite::Error> {
     let mut messages = 0u64;
     let mut oldest: Option<Instant> = None;
     let mut durable_ids: Vec<String> = Vec::new();
@@ -482,7 +554,10 @@ async fn write_batch(state: &AppState, ws: &mut Ws, conn: &ConnHandle, batch: &m
     if messages > 0 {
         state.metrics.sent.increment(messages);
         if let Some(t) = oldest {
-            state.metrics.publish_to_write.record(t.elapsed().as_secs_f64());
+            state
+                .metrics
+                .publish_to_write
+                .record(t.elapsed().as_secs_f64());
         }
     }
     if !durable_ids.is_empty()
@@ -510,7 +585,10 @@ fn reject(state: &AppState, ctx: &mut Ctx, id: Option<&Value>, err: Error) -> Fl
 
 /// Bad input counts towards the abuse limit; refusals (403, 429…) do not.
 fn count_abuse(state: &AppState, ctx: &mut Ctx, err: &Error) -> Flow {
-    if !matches!(err, Error::BadRequest(_) | Error::Topic(_) | Error::TooLarge(_)) {
+    if !matches!(
+        err,
+        Error::BadRequest(_) | Error::Topic(_) | Error::TooLarge(_)
+    ) {
         return Flow::Continue;
     }
     let now = Instant::now();
@@ -527,7 +605,9 @@ fn count_abuse(state: &AppState, ctx: &mut Ctx, err: &Error) -> Flow {
 
 fn reply_ok(ctx: &Ctx, id: Option<&Value>, extra: Option<&Map<String, Value>>) {
     if let Some(id) = id {
-        ctx.conn.queue.push_frame(json::encode_reply(id, 0, "ok", extra));
+        ctx.conn
+            .queue
+            .push_frame(json::encode_reply(id, 0, "ok", extra));
     }
 }
 
@@ -554,8 +634,13 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
         ClientFrame::Unsubscribe { topics } => {
             // The inbox is what durable delivery relies on: it cannot be left.
             let inbox = Topic::user(&ctx.conn.user).ok();
-            if let Some(t) = topics.iter().find(|t| inbox.as_ref().is_some_and(|i| i.as_str() == t.as_str())) {
-                Err(Error::BadRequest(format!("cannot unsubscribe from the user inbox {t}")))
+            if let Some(t) = topics
+                .iter()
+                .find(|t| inbox.as_ref().is_some_and(|i| i.as_str() == t.as_str()))
+            {
+                Err(Error::BadRequest(format!(
+                    "cannot unsubscribe from the user inbox {t}"
+                )))
             } else {
                 for t in &topics {
                     state.hub.unsubscribe(&ctx.conn, t);
@@ -574,15 +659,21 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
             }
             Err(e) => Err(Error::Topic(e)),
         },
-        ClientFrame::Publish { topic, event, data } => client_publish(state, ctx, topic, event, data).await,
+        ClientFrame::Publish { topic, event, data } => {
+            client_publish(state, ctx, topic, event, data).await
+        }
         ClientFrame::Ack { ids } => match state.store.ack(&ctx.conn.user, &ids).await {
             Ok(n) => Ok(Some(obj(json!({ "acked": n })))),
             Err(e) => Err(Error::Store(e)),
         },
         ClientFrame::Auth { token } => refresh(state, ctx, &token),
-        ClientFrame::Command { command, .. } => Err(Error::NotFound(format!("unknown command: {command}"))),
+        ClientFrame::Command { command, .. } => {
+            Err(Error::NotFound(format!("unknown command: {command}")))
+        }
         ClientFrame::Ping => {
-            ctx.conn.queue.push_frame(Bytes::from_static(PONG.as_bytes()));
+            ctx.conn
+                .queue
+                .push_frame(Bytes::from_static(PONG.as_bytes()));
             return Flow::Continue;
         }
     };
@@ -607,9 +698,20 @@ fn subscribe(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, s: Subscr
 }
 
 /// Subscribe to each topic (ACL, limits), answering one reply for the request.
-fn subscribe_topics(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, topics: Vec<String>, since: Option<u64>) -> Flow {
+fn subscribe_topics(
+    state: &Arc<AppState>,
+    ctx: &mut Ctx,
+    id: Option<&Value>,
+    topics: Vec<String>,
+    since: Option<u64>,
+) -> Flow {
     if !state.limiters.subscribe(&ctx.conn.user) {
-        return reject(state, ctx, id, Error::RateLimited("too many subscribe requests"));
+        return reject(
+            state,
+            ctx,
+            id,
+            Error::RateLimited("too many subscribe requests"),
+        );
     }
     let limit = state.config.limits.max_subscriptions_per_connection + 2;
     let mut results: Vec<Result<Topic, Error>> = Vec::with_capacity(topics.len());
@@ -659,10 +761,14 @@ fn subscribe_topics(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, to
     let (code, message) = first.unwrap_or((0, "ok".to_owned()));
     match id {
         Some(id) => {
-            ctx.conn.queue.push_frame(json::encode_reply(id, code, &message, Some(&extra)));
+            ctx.conn
+                .queue
+                .push_frame(json::encode_reply(id, code, &message, Some(&extra)));
         }
         None if code != 0 => {
-            ctx.conn.queue.push_frame(json::encode_error(code, &message));
+            ctx.conn
+                .queue
+                .push_frame(json::encode_error(code, &message));
         }
         None => {}
     }
@@ -707,12 +813,20 @@ async fn client_publish(
 }
 
 /// `auth` after connecting: a refresh for the same user extends the session.
-fn refresh(state: &AppState, ctx: &mut Ctx, token: &str) -> Result<Option<Map<String, Value>>, Error> {
+fn refresh(
+    state: &AppState,
+    ctx: &mut Ctx,
+    token: &str,
+) -> Result<Option<Map<String, Value>>, Error> {
     let a = state.auth.authenticate(token)?;
     if a.identity.user_id != ctx.conn.user {
         return Err(Error::Conflict("token is for another user".into()));
     }
-    *ctx.conn.session.lock() = Session { jti: a.jti.clone(), issued_at: a.issued_at, expires_at: a.expires_at };
+    *ctx.conn.session.lock() = Session {
+        jti: a.jti.clone(),
+        issued_at: a.issued_at,
+        expires_at: a.expires_at,
+    };
     ctx.identity = a.identity;
     ctx.expiry = a.expires_at.map(expiry_instant);
     ctx.expiry_changed = true;

@@ -28,22 +28,35 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 5, "usage: idle_connections <ws url> <jwt secret> <server pid> <n>");
-    let (url, secret, pid, n): (String, String, u32, usize) =
-        (args[1].clone(), args[2].clone(), args[3].parse()?, args[4].parse()?);
+    anyhow::ensure!(
+        args.len() == 5,
+        "usage: idle_connections <ws url> <jwt secret> <server pid> <n>"
+    );
+    let (url, secret, pid, n): (String, String, u32, usize) = (
+        args[1].clone(),
+        args[2].clone(),
+        args[3].parse()?,
+        args[4].parse()?,
+    );
     let before = rss_kib(pid);
     let start = Instant::now();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(n.max(1));
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
     for i in 0..n {
-        let claims = dev_claims(&format!("u{i}"), Duration::from_secs(3600), Default::default());
+        let claims = dev_claims(
+            &format!("u{i}"),
+            Duration::from_secs(3600),
+            Default::default(),
+        );
         let token = mint_hs256(&secret, &claims)?;
         let url = format!("{url}?token={token}");
         let tx = ready_tx.clone();
         let sem = sem.clone();
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
-            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else { return };
+            let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
+                return;
+            };
             let _ = ws.next().await; // welcome
             let sub = format!(r#"{{"type":"subscribe","id":1,"topic":"device/d{i}/telemetry"}}"#);
             if ws.send(Message::text(sub)).await.is_err() {

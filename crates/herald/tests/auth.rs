@@ -116,6 +116,40 @@ issuer = "https://issuer.herald.test"
 }
 
 #[tokio::test]
+async fn client_api_keys_are_a_fixed_identity() {
+    let key = format!("device-key-{}", random_hex(12));
+    let server = Server::start(&format!(
+        r#"
+[[auth.client_keys]]
+key = "{key}"
+user = "device-d-9"
+claims = {{ org_id = "7" }}
+"#
+    ))
+    .await;
+
+    // Via ?api_key=, via the Authorization header, and via a first frame.
+    let mut ws = connect(&format!("{}?api_key={key}", server.ws_url()), None)
+        .await
+        .expect("?api_key=");
+    ws.expect_welcome("device-d-9").await;
+    // The key's claims feed the ACL.
+    ws.subscribe_ok("org/7/terminals").await;
+    assert_eq!(ws.subscribe("org/8/terminals").await["code"], 403);
+
+    let mut ws = connect(&server.ws_url(), Some(&key)).await.expect("bearer client key");
+    ws.expect_welcome("device-d-9").await;
+
+    let mut ws = connect(&server.ws_url(), None).await.expect("upgrade");
+    ws.send_json(&json!({"type": "auth", "token": key})).await;
+    ws.expect_welcome("device-d-9").await;
+
+    // A server API key is not a client credential.
+    let refused = connect(&server.ws_url(), Some(&server.admin_key)).await;
+    assert_eq!(refused.err().map(|e| e.status), Some(401), "server API key on /ws");
+}
+
+#[tokio::test]
 async fn first_frame_auth_good_bad_and_timeout() {
     let server = Server::start(
         r#"

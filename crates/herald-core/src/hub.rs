@@ -84,6 +84,25 @@ pub struct Delivery {
     pub dropped: usize,
     /// Connections this fanout closed as slow consumers.
     pub slow_closed: usize,
+    /// Messages discarded with those connections' queues.
+    pub discarded: usize,
+}
+
+impl Delivery {
+    fn add(&mut self, push: Push) {
+        match push {
+            Push::Queued => self.queued += 1,
+            Push::DroppedOldest => {
+                self.queued += 1;
+                self.dropped += 1;
+            }
+            Push::Closed => {}
+            Push::SlowConsumer { discarded } => {
+                self.slow_closed += 1;
+                self.discarded += discarded;
+            }
+        }
+    }
 }
 
 /// Why a subscribe was not done.
@@ -276,16 +295,18 @@ impl Hub {
         let shard = self.topic_shard(msg.topic.as_str()).read();
         if let Some(subs) = shard.get(msg.topic.as_str()) {
             for conn in subs.values() {
-                match conn.queue.push_message(msg.clone()) {
-                    Push::Queued => d.queued += 1,
-                    Push::DroppedOldest => {
-                        d.queued += 1;
-                        d.dropped += 1;
-                    }
-                    Push::Closed => {}
-                    Push::SlowConsumer => d.slow_closed += 1,
-                }
+                d.add(conn.queue.push_message(msg.clone()));
             }
+        }
+        d
+    }
+
+    /// Queue `msg` for every local connection of `user` (durable inbox delivery: every tab
+    /// of the user gets it, whatever it subscribed to).
+    pub fn deliver_to_user(&self, user: &str, msg: &Arc<Message>) -> Delivery {
+        let mut d = Delivery::default();
+        for conn in self.user_connections(user) {
+            d.add(conn.queue.push_message(msg.clone()));
         }
         d
     }

@@ -53,8 +53,9 @@ pub enum Push {
     DroppedOldest,
     /// The queue is closing; the message was discarded.
     Closed,
-    /// This push found the queue persistently full and closed it with 4009.
-    SlowConsumer,
+    /// This push found the queue persistently full and closed it with 4009, discarding
+    /// this many queued messages (plus the pushed one).
+    SlowConsumer { discarded: usize },
 }
 
 #[derive(Debug)]
@@ -107,11 +108,11 @@ impl ConnQueue {
             let since = *g.full_since.get_or_insert(now);
             if now.duration_since(since) >= self.slow_timeout || g.items.len() >= self.capacity * 2
             {
-                Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer");
+                let discarded = Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer") + 1;
                 let waker = g.waker.take();
                 drop(g);
                 wake(waker);
-                return Push::SlowConsumer;
+                return Push::SlowConsumer { discarded };
             }
             if !durable {
                 g.dropped += 1;
@@ -144,11 +145,11 @@ impl ConnQueue {
             return Push::Closed;
         }
         if g.items.len() >= self.capacity * 2 {
-            Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer");
+            let discarded = Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer");
             let waker = g.waker.take();
             drop(g);
             wake(waker);
-            return Push::SlowConsumer;
+            return Push::SlowConsumer { discarded };
         }
         g.items.push_back(Outgoing::Frame(frame));
         let waker = g.waker.take();
@@ -172,14 +173,18 @@ impl ConnQueue {
         wake(waker);
     }
 
-    fn close_locked(g: &mut Inner, code: u16, reason: &'static str) {
-        g.dropped += g.ephemeral as u64;
+        /// Discard the queued messages and request the close; returns how many messages were
+    /// discarded (durable ones included: they stay in the store).
+    fn close_locked(g: &mut Inner, code: u16, reason: &'static str) -> usize {
+        let discarded = g.items.iter().filter(|i| matches!(i, Outgoing::Message(_))).count();
+        g.dropped += discarded as u64;
         g.items.clear();
         g.ephemeral = 0;
         g.close = Some(CloseRequest {
             code,
             reason: Cow::Borrowed(reason),
         });
+        discarded
     }
 
     /// Move up to `max` queued items into `out`. Ready when at least one item was moved, or
@@ -318,7 +323,7 @@ mod tests {
         let q = ConnQueue::new(2, Duration::ZERO);
         q.push_message(msg(0, false));
         q.push_message(msg(1, false));
-        assert_eq!(q.push_message(msg(2, false)), Push::SlowConsumer);
+        assert_eq!(q.push_message(msg(2, false)), Push::SlowConsumer { discarded: 3 });
         assert_eq!(q.push_message(msg(3, false)), Push::Closed);
         let (items, close) = drain_now(&q);
         assert!(items.is_empty());

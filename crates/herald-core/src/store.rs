@@ -89,6 +89,14 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_sent(&self, user: &str, ids: &[String]) -> Result<(), StoreError>;
     /// Mark acked; returns how many of `ids` were this user's unacked messages.
     async fn ack(&self, user: &str, ids: &[String]) -> Result<usize, StoreError>;
+    /// Count one more delivery attempt of each of `ids` (those not acked).
+    async fn record_retry(&self, user: &str, ids: &[String]) -> Result<(), StoreError>;
+    /// Mark `ids` failed (delivery attempts exhausted); they are kept and still replayed on the
+    /// next connect.
+    async fn mark_failed(&self, user: &str, ids: &[String]) -> Result<(), StoreError>;
+    /// Delete messages older than `retention.max_age` and, per user, all but the newest
+    /// `retention.max_per_user`. Returns how many were deleted.
+    async fn purge(&self, retention: Retention) -> Result<u64, StoreError>;
     /// The inbox, newest first, optionally filtered by status.
     async fn list(
         &self,
@@ -236,6 +244,48 @@ impl Store for MemoryStore {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    async fn record_retry(&self, user: &str, ids: &[String]) -> Result<(), StoreError> {
+        let mut g = self.inner.lock();
+        let now = now_ms();
+        if let Some(q) = g.by_user.get_mut(user) {
+            for r in q
+                .iter_mut()
+                .filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id))
+            {
+                r.retry_count += 1;
+                r.updated_at = now;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mark_failed(&self, user: &str, ids: &[String]) -> Result<(), StoreError> {
+        let mut g = self.inner.lock();
+        let now = now_ms();
+        if let Some(q) = g.by_user.get_mut(user) {
+            for r in q
+                .iter_mut()
+                .filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id))
+            {
+                r.status = InboxStatus::Failed;
+                r.updated_at = now;
+            }
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, retention: Retention) -> Result<u64, StoreError> {
+        let mut g = self.inner.lock();
+        let before: usize = g.by_user.values().map(VecDeque::len).sum();
+        let users: Vec<String> = g.by_user.keys().cloned().collect();
+        for u in &users {
+            Self::expire(&mut g, u, retention);
+        }
+        g.by_user.retain(|_, q| !q.is_empty());
+        let after: usize = g.by_user.values().map(VecDeque::len).sum();
+        Ok((before - after) as u64)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -94,6 +94,15 @@ impl Topic {
     }
 
     /// Number of segments (1..=16).
+    /// The user whose inbox this topic is: `{id}` for `user/{id}` and any topic below it.
+    pub fn inbox_owner(&self) -> Option<&str> {
+        let mut s = self.segments();
+        match (s.next(), s.next()) {
+            (Some("user"), Some(user)) => Some(user),
+            _ => None,
+        }
+    }
+
     pub fn len_segments(&self) -> usize {
         self.0.bytes().filter(|&b| b == b'/').count() + 1
     }

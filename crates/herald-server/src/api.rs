@@ -52,8 +52,34 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/demo", get(demo))
-        .fallback(not_found)
+                .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
+}
+
+/// Every error answer is JSON `{code, message}`: rejections produced by extractors (bad
+/// query string, bad path encoding) come as plain text and are rewritten here.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let text = match axum::body::to_bytes(res.into_body(), 4096).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    json_error(status, &message)
 }
 
 /// A JSON error response.
@@ -190,10 +216,10 @@ impl EventReq {
     }
 }
 
-fn check_token(name: &str, v: &str) -> Result<(), Error> {
-    if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
+/// Ids, event names, trace ids: 1 to 128 bytes, no control characters.
+pub(crate) fn check_token(name: &str, v: &str) -> Result<(), Error> {if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
         return Err(Error::BadRequest(format!(
-            "`{name}` must be 1 to 128 printable characters"
+            "`{name}` must be 1 to 128 bytes with no control characters"
         )));
     }
     Ok(())
@@ -212,7 +238,8 @@ impl Published {
         if let Some(seq) = self.seq {
             v["seq"] = json!(seq);
         }
-        if with_status {
+                // A duplicate is always flagged: nothing was stored or delivered for it.
+        if with_status || self.status == "duplicate" {
             v["status"] = json!(self.status);
         }
         v
@@ -252,7 +279,7 @@ async fn publish_one(state: &AppState, req: PublishReq) -> Result<Published, Err
     }
     let options = state.acl.options(&topic);
     let durable = req.durable.unwrap_or(options.durable);
-    let inbox_user = durable.then(|| inbox_owner(&topic)).flatten();
+        let inbox_user = durable.then(|| topic.inbox_owner().map(str::to_owned)).flatten();
     if durable && inbox_user.is_none() {
         return Err(Error::BadRequest(
             "durable messages go to a user's inbox: topic `user/{id}` or `user/{id}/…`".into(),
@@ -298,14 +325,7 @@ async fn publish_one(state: &AppState, req: PublishReq) -> Result<Published, Err
     Ok(published)
 }
 
-/// The user whose inbox a topic is: `user/{id}` or below.
-fn inbox_owner(topic: &Topic) -> Option<String> {
-    let mut s = topic.segments();
-    match (s.next(), s.next()) {
-        (Some("user"), Some(user)) => Some(user.to_owned()),
-        _ => None,
-    }
-}
+
 
 fn ingest_allowed(state: &AppState, n: usize) -> Result<(), Response> {
     if state.limiters.ingest(u32::try_from(n).unwrap_or(u32::MAX)) {

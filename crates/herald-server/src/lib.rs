@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthSetupError, JwtAuthenticator};
-use crate::config::Config;
+use crate::config::{BusBackend, Config, StoreBackend};
 use crate::state::{AppState, Router};
 
 /// Why the server could not start or stopped abnormally.
@@ -59,25 +59,33 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// The bus named by `bus.url`. Only `memory` is built in this version; anything else fails
-/// fast (never a silent fallback).
-fn build_bus(url: &str, node_id: &str) -> Result<Arc<dyn Bus>, ServerError> {
-    match url {
-        "memory" => Ok(Arc::new(MemoryBus::new(node_id))),
+/// The bus named by `bus.url` (the config parses the scheme, in one place). Only `memory` is
+/// built in this version; anything else fails fast (never a silent fallback).
+fn build_bus(config: &Config, node_id: &str) -> Result<Arc<dyn Bus>, ServerError> {
+    let backend = config.bus.backend().map_err(|e| ServerError::Backend {
+        setting: "bus.url",
+        message: e.to_string(),
+    })?;
+    match backend {
+        BusBackend::Memory => Ok(Arc::new(MemoryBus::new(node_id))),
         other => Err(ServerError::Backend {
             setting: "bus.url",
-            message: format!("unsupported bus {other:?} (supported: memory)"),
+            message: format!("bus {:?} is not available in this build (supported: memory)", other.name()),
         }),
     }
 }
 
 /// The store named by `store.url`.
-fn build_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
-    match url {
-        "memory" => Ok(Arc::new(MemoryStore::new(Retention::default()))),
+fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    let backend = config.store.backend().map_err(|e| ServerError::Backend {
+        setting: "store.url",
+        message: e.to_string(),
+    })?;
+    match backend {
+        StoreBackend::Memory => Ok(Arc::new(MemoryStore::new(Retention::default()))),
         other => Err(ServerError::Backend {
             setting: "store.url",
-            message: format!("unsupported store {other:?} (supported: memory)"),
+            message: format!("store {:?} is not available in this build (supported: memory)", other.name()),
         }),
     }
 }
@@ -94,8 +102,8 @@ pub async fn run(
     let auth = Arc::new(JwtAuthenticator::new(&config.auth)?);
     let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
     let hub = Arc::new(Hub::new());
-    let bus = build_bus(&config.bus.url, &node_id)?;
-    let store = build_store(&config.store.url)?;
+    let bus = build_bus(&config, &node_id)?;
+    let store = build_store(&config)?;
     let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
     let metrics = metrics::Metrics::new();
     bus.attach(Arc::new(Router {

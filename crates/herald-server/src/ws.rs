@@ -251,6 +251,11 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
                 .await;
                 return None;
             }
+                        Ok(Some(Err(tungstenite::Error::Capacity(_)))) => {
+                state.metrics.error("too_large");
+                send_close(ws, close::TOO_LARGE, "frame too large", limits.write_timeout).await;
+                return None;
+            }
             Ok(None) | Ok(Some(Err(_))) => return None,
             Ok(Some(Ok(f))) => f,
         };
@@ -393,8 +398,10 @@ async fn run_connection(
     tracing::debug!(%peer, conn_id, user = %user, "connected");
 
     // Replay the durable inbox: everything not yet acked, oldest first.
-    match state.store.undelivered(&user, REPLAY_LIMIT).await {
-        Ok(records) => {
+        // At most one queue's worth per connect, so a large backlog can never make the replay
+    // itself close the connection as a slow consumer; the rest follows on the next connect.
+    let replay_limit = REPLAY_LIMIT.min(limits.send_queue);
+    match state.store.undelivered(&user, replay_limit).await {Ok(records) => {
             for r in records {
                 let Ok(topic) = Topic::parse(&r.topic) else {
                     continue;
@@ -486,7 +493,7 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return "write_error",
                         Err(_) => {
-                            state.metrics.dropped_slow_consumer.increment(1);
+                            state.metrics.slow_consumers.increment(1);
                             return "write_timeout";
                         }
                     }
@@ -800,9 +807,7 @@ async fn client_publish(
     if !state.acl.allows(Action::Publish, &topic, &ctx.identity) {
         return Err(Error::Forbidden(topic.as_str().to_owned()));
     }
-    if event.is_empty() || event.len() > 128 {
-        return Err(Error::BadRequest("`event` must be 1 to 128 bytes".into()));
-    }
+        crate::api::check_token("event", &event)?;
     let mut b = MessageBuilder::new(topic, event, data);
     b.from = Some(ctx.conn.user.to_string());
     let msg: Arc<Message> = Arc::new(b.build());

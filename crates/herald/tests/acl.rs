@@ -50,14 +50,23 @@ subscribes_per_second = 1000
     // Client publish: rooms only.
     let r = ws.publish("room/lobby", "chat", json!("hi")).await;
     assert_eq!(r["code"], 0, "{r}");
-    for topic in ["global/news", "org/7/x", "user/alice/notifications", "broadcast"] {
+    for topic in [
+        "global/news",
+        "org/7/x",
+        "user/alice/notifications",
+        "broadcast",
+    ] {
         let r = ws.publish(topic, "e", json!(1)).await;
         assert_eq!(r["code"], 403, "client publish to {topic}: {r}");
     }
 
     // Delivery follows the grants: org/7 yes, org/8 (denied) no.
-    server.publish("org/8/terminals/status", "s", json!(8)).await;
-    server.publish("org/7/terminals/status", "s", json!(7)).await;
+    server
+        .publish("org/8/terminals/status", "s", json!(8))
+        .await;
+    server
+        .publish("org/7/terminals/status", "s", json!(7))
+        .await;
     loop {
         let m = ws.recv_json(T).await;
         if m["topic"] == "room/lobby" {
@@ -148,14 +157,23 @@ async fn configured_rules_first_match_placeholders_roles() {
     assert_eq!(r["code"], 0, "{r}");
     let r = user.publish("team/green/chat", "chat", json!("hi")).await;
     assert_eq!(r["code"], 403, "{r}");
-    let r = user.publish("device/d-9/telemetry", "t", json!({"v": 1})).await;
-    assert_eq!(r["code"], 403, "subscribe-only rule must refuse publish: {r}");
+    let r = user
+        .publish("device/d-9/telemetry", "t", json!({"v": 1}))
+        .await;
+    assert_eq!(
+        r["code"], 403,
+        "subscribe-only rule must refuse publish: {r}"
+    );
 
     // Deliveries follow the grants.
-    server.publish("ops/deploys", "deploy", json!({"v": 2})).await;
+    server
+        .publish("ops/deploys", "deploy", json!({"v": 2}))
+        .await;
     let m = admin.recv_message("ops/deploys").await;
     assert_eq!(m["data"], json!({"v": 2}));
-    server.publish("device/d-9/telemetry", "t", json!({"temp": 21})).await;
+    server
+        .publish("device/d-9/telemetry", "t", json!({"temp": 21}))
+        .await;
     loop {
         let m = user.recv_json(T).await;
         if m["topic"] == "team/red/chat" {

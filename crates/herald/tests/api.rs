@@ -27,8 +27,14 @@ async fn publish_envelope_and_idempotent_id() {
     assert_eq!(m["data"], json!({"title": "hello"}));
     assert_eq!(m["id"], id.as_str());
     let ts = m["ts"].as_i64().expect("ts");
-    assert!((before - 5_000..=now_millis() + 5_000).contains(&ts), "ts {ts}");
-    assert!(m.get("ack").is_none_or(|a| a == false), "ephemeral publish has no ack: {m}");
+    assert!(
+        (before - 5_000..=now_millis() + 5_000).contains(&ts),
+        "ts {ts}"
+    );
+    assert!(
+        m.get("ack").is_none_or(|a| a == false),
+        "ephemeral publish has no ack: {m}"
+    );
 
     // trace_id is carried to the subscriber.
     let (s, b) = server
@@ -44,13 +50,17 @@ async fn publish_envelope_and_idempotent_id() {
 
     // A caller-supplied id is echoed and used as the message id.
     let body = json!({"topic": "global/news", "event": "e", "data": 2, "id": "order-1234"});
-    let (s, b) = server.api_post("/api/v1/publish", &server.publish_key, &body).await;
+    let (s, b) = server
+        .api_post("/api/v1/publish", &server.publish_key, &body)
+        .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["id"], "order-1234", "{b}");
     let m = ws.recv_message("global/news").await;
     assert_eq!(m["id"], "order-1234");
     // Publishing the same id again is accepted (idempotent) and echoes it.
-    let (s, b) = server.api_post("/api/v1/publish", &server.publish_key, &body).await;
+    let (s, b) = server
+        .api_post("/api/v1/publish", &server.publish_key, &body)
+        .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["id"], "order-1234", "{b}");
 }
@@ -73,7 +83,9 @@ async fn publish_errors_keys_and_sizes() {
     let b: Value = serde_json::from_str(&t).expect("JSON error body");
     assert_eq!(b["code"], 401, "{b}");
     assert!(b["message"].is_string(), "{b}");
-    let (s, b) = server.api_post("/api/v1/publish", "wrong-key-0123456789", &good).await;
+    let (s, b) = server
+        .api_post("/api/v1/publish", "wrong-key-0123456789", &good)
+        .await;
     assert_eq!(s, 401, "{b}");
     assert_eq!(b["code"], 401, "{b}");
     // A client JWT is not an API key.
@@ -91,7 +103,9 @@ async fn publish_errors_keys_and_sizes() {
         assert_eq!(s, 401, "GET {path} without key: {b}");
     }
     // The admin key has publish too.
-    let (s, b) = server.api_post("/api/v1/publish", &server.admin_key, &good).await;
+    let (s, b) = server
+        .api_post("/api/v1/publish", &server.admin_key, &good)
+        .await;
     assert_eq!(s, 200, "{b}");
 
     // Bad topic → 400 naming the problem.
@@ -106,7 +120,10 @@ async fn publish_errors_keys_and_sizes() {
         assert_eq!(s, 400, "topic {topic:?}: {b}");
         assert_eq!(b["code"], 400, "{b}");
         assert!(
-            b["message"].as_str().unwrap_or("").contains("invalid topic"),
+            b["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("invalid topic"),
             "topic {topic:?}: {b}"
         );
     }
@@ -167,7 +184,10 @@ async fn batch_publish_results_in_order() {
     assert_eq!(s, 200, "{b}");
     let results = b["results"].as_array().unwrap_or_else(|| panic!("{b}"));
     assert_eq!(results.len(), 3, "{b}");
-    let id1 = results[0]["id"].as_str().unwrap_or_else(|| panic!("{b}")).to_owned();
+    let id1 = results[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{b}"))
+        .to_owned();
     assert_eq!(results[1]["code"], 400, "{b}");
     assert!(results[1]["message"].is_string(), "{b}");
     assert!(results[1].get("id").is_none(), "{b}");
@@ -176,12 +196,19 @@ async fn batch_publish_results_in_order() {
     let m = ws.recv_message("global/batch").await;
     assert_eq!((m["data"].clone(), m["id"].clone()), (json!(1), json!(id1)));
     let m = ws.recv_message("global/batch").await;
-    assert_eq!((m["data"].clone(), m["id"].clone()), (json!(3), json!("given-3")));
+    assert_eq!(
+        (m["data"].clone(), m["id"].clone()),
+        (json!(3), json!("given-3"))
+    );
     ws.expect_no_message(QUIET).await;
 
     // Malformed batch body → 400.
     let (s, b) = server
-        .api_post("/api/v1/publish/batch", &server.publish_key, &json!({"nope": []}))
+        .api_post(
+            "/api/v1/publish/batch",
+            &server.publish_key,
+            &json!({"nope": []}),
+        )
         .await;
     assert_eq!(s, 400, "{b}");
 }
@@ -222,38 +249,79 @@ async fn user_messages_durable_inbox_and_acks() {
     t2.recv_message("user/u1").await;
 
     // The inbox lists the durable one; ack moves it to acked.
-    let (s, inbox) = server.api_get("/api/v1/users/u1/messages", &server.admin_key).await;
+    let (s, inbox) = server
+        .api_get("/api/v1/users/u1/messages", &server.admin_key)
+        .await;
     assert_eq!(s, 200, "{inbox}");
     let entry = find(&inbox, &id);
     assert_eq!(entry["topic"], "user/u1", "{entry}");
     assert_eq!(entry["event"], "notification", "{entry}");
     assert_eq!(entry["data"], json!({"n": 1}), "{entry}");
-    assert!(entry["created_at"].is_string() || entry["created_at"].is_number(), "{entry}");
+    assert!(
+        entry["created_at"].is_string() || entry["created_at"].is_number(),
+        "{entry}"
+    );
     assert!(
         entry["status"] == "sent" || entry["status"] == "pending",
         "before ack: {entry}"
     );
-    let r = t1.request(json!({"type": "ack", "id": "k1", "ids": [id]})).await;
+    let r = t1
+        .request(json!({"type": "ack", "id": "k1", "ids": [id]}))
+        .await;
     assert_eq!(r["code"], 0, "{r}");
     eventually(T, "inbox status acked", || async {
-        let (_, inbox) = server.api_get("/api/v1/users/u1/messages", &server.admin_key).await;
+        let (_, inbox) = server
+            .api_get("/api/v1/users/u1/messages", &server.admin_key)
+            .await;
         find(&inbox, &id)["status"] == "acked"
     })
     .await;
     let (s, acked) = server
-        .api_get("/api/v1/users/u1/messages?status=acked&limit=10", &server.admin_key)
+        .api_get(
+            "/api/v1/users/u1/messages?status=acked&limit=10",
+            &server.admin_key,
+        )
         .await;
     assert_eq!(s, 200);
     let list = acked["messages"].as_array().unwrap();
     assert!(list.iter().all(|m| m["status"] == "acked"), "{acked}");
     assert!(list.iter().any(|m| m["id"] == id.as_str()), "{acked}");
     let (_, pending) = server
-        .api_get("/api/v1/users/u1/messages?status=pending", &server.admin_key)
+        .api_get(
+            "/api/v1/users/u1/messages?status=pending",
+            &server.admin_key,
+        )
         .await;
     assert!(
-        !pending["messages"].as_array().unwrap().iter().any(|m| m["id"] == id.as_str()),
+        !pending["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == id.as_str()),
         "acked message listed as pending: {pending}"
     );
+
+    // `limit` bounds the list.
+    for i in 0..3 {
+        let (s, b) = server
+            .api_post(
+                "/api/v1/users/u1/messages",
+                &server.publish_key,
+                &json!({"event": "more", "data": i}),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (s, all) = server
+        .api_get("/api/v1/users/u1/messages", &server.admin_key)
+        .await;
+    assert_eq!(s, 200, "{all}");
+    assert!(all["messages"].as_array().unwrap().len() >= 4, "{all}");
+    let (s, one) = server
+        .api_get("/api/v1/users/u1/messages?limit=1", &server.admin_key)
+        .await;
+    assert_eq!(s, 200, "{one}");
+    assert_eq!(one["messages"].as_array().unwrap().len(), 1, "{one}");
 }
 
 fn find(inbox: &Value, id: &str) -> Value {
@@ -280,7 +348,10 @@ async fn offline_durable_message_is_replayed_until_acked() {
     assert_eq!(b["id"], "durable-1", "{b}");
     assert_eq!(b["status"], "pending", "{b}");
     let (_, pending) = server
-        .api_get("/api/v1/users/offline/messages?status=pending", &server.admin_key)
+        .api_get(
+            "/api/v1/users/offline/messages?status=pending",
+            &server.admin_key,
+        )
         .await;
     assert_eq!(find(&pending, "durable-1")["status"], "pending");
 
@@ -298,7 +369,9 @@ async fn offline_durable_message_is_replayed_until_acked() {
     let mut ws = server.connect_user("offline").await;
     let m = ws.recv_message("user/offline").await;
     assert_eq!(m["id"], "durable-1");
-    let r = ws.request(json!({"type": "ack", "id": "a1", "ids": ["durable-1"]})).await;
+    let r = ws
+        .request(json!({"type": "ack", "id": "a1", "ids": ["durable-1"]}))
+        .await;
     assert_eq!(r["code"], 0, "{r}");
     eventually(T, "acked", || async {
         let (_, inbox) = server
@@ -323,7 +396,11 @@ async fn broadcast_and_room_messages() {
     b.join_room_ok("general").await;
 
     let (s, r) = server
-        .api_post("/api/v1/broadcast", &server.publish_key, &json!({"event": "all", "data": 1}))
+        .api_post(
+            "/api/v1/broadcast",
+            &server.publish_key,
+            &json!({"event": "all", "data": 1}),
+        )
         .await;
     assert_eq!(s, 200, "{r}");
     let id = r["id"].as_str().expect("id");
@@ -342,7 +419,10 @@ async fn broadcast_and_room_messages() {
         .await;
     assert_eq!(s, 200, "{r}");
     assert!(r["id"].is_string(), "{r}");
-    assert_eq!(b.recv_message("room/general").await["data"], json!({"t": "x"}));
+    assert_eq!(
+        b.recv_message("room/general").await["data"],
+        json!({"t": "x"})
+    );
     a.expect_no_message(QUIET).await;
 
     // An invalid room name is a 400.
@@ -363,12 +443,16 @@ async fn presence_and_topic_subscribers() {
     let mut a2 = server.connect_user("alice").await;
     let _b = server.connect_user("bob").await;
 
-    let (s, p) = server.api_get("/api/v1/users/alice/presence", &server.publish_key).await;
+    let (s, p) = server
+        .api_get("/api/v1/users/alice/presence", &server.publish_key)
+        .await;
     assert_eq!(s, 200, "{p}");
     assert_eq!(p["user"], "alice", "{p}");
     assert_eq!(p["online"], true, "{p}");
     assert_eq!(p["connections"], 2, "{p}");
-    let (s, p) = server.api_get("/api/v1/users/nobody/presence", &server.publish_key).await;
+    let (s, p) = server
+        .api_get("/api/v1/users/nobody/presence", &server.publish_key)
+        .await;
     assert_eq!(s, 200, "{p}");
     assert_eq!(p["online"], false, "{p}");
     assert_eq!(p["connections"], 0, "{p}");
@@ -454,19 +538,36 @@ async fn stats_metrics_health_ready() {
         "herald_errors_total",
     ] {
         assert!(
-            text.lines().any(|l| l.starts_with(name)
-                || l.starts_with(&format!("# TYPE {name} "))),
+            text.lines()
+                .any(|l| l.starts_with(name) || l.starts_with(&format!("# TYPE {name} "))),
             "/metrics lacks {name}:\n{text}"
         );
     }
-    assert_eq!(metric_sum(&text, "herald_connections", &[]), Some(3.0), "{text}");
-    assert_eq!(metric_sum(&text, "herald_online_users", &[]), Some(2.0), "{text}");
+    assert_eq!(
+        metric_sum(&text, "herald_connections", &[]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "herald_online_users", &[]),
+        Some(2.0),
+        "{text}"
+    );
     assert!(metric_sum(&text, "herald_connections_opened_total", &[]).unwrap_or(0.0) >= 3.0);
-    assert!(metric_sum(&text, "herald_messages_sent_total", &[]).unwrap_or(0.0) >= 1.0);
+    // The sent counter moves once the write completed, which may be just after the client
+    // has read the frame: poll.
+    eventually(T, "herald_messages_sent_total >= 1", || async {
+        let text = server.metrics().await;
+        metric_sum(&text, "herald_messages_sent_total", &[]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
 
     let (s, t) = server.get("/healthz").await;
     assert_eq!(s, 200);
-    assert_eq!(serde_json::from_str::<Value>(&t).unwrap(), json!({"status": "ok"}));
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap(),
+        json!({"status": "ok"})
+    );
     let (s, t) = server.get("/readyz").await;
     assert_eq!(s, 200, "{t}");
     let r: Value = serde_json::from_str(&t).unwrap();

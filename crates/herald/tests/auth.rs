@@ -39,7 +39,10 @@ async fn bad_tokens_are_refused_at_the_handshake() {
     let server = Server::start("").await;
     let now = now_secs();
 
-    let wrong_sig = jwt_hs256("another-secret-that-is-long-enough!!", &claims("u1", 3600, json!({})));
+    let wrong_sig = jwt_hs256(
+        "another-secret-that-is-long-enough!!",
+        &claims("u1", 3600, json!({})),
+    );
     assert_refused(&server, "wrong signature", &wrong_sig).await;
 
     // Far past any leeway.
@@ -77,7 +80,12 @@ async fn bad_tokens_are_refused_at_the_handshake() {
     assert_refused(&server, "HS512 when only HS256 is configured", &hs512).await;
 
     // An unknown client API key via ?api_key=.
-    match connect(&format!("{}?api_key=nope-{}", server.ws_url(), random_hex(8)), None).await {
+    match connect(
+        &format!("{}?api_key=nope-{}", server.ws_url(), random_hex(8)),
+        None,
+    )
+    .await
+    {
         Ok(_) => panic!("unknown api_key accepted"),
         Err(e) => assert_eq!(e.status, 401, "{e:?}"),
     }
@@ -102,11 +110,19 @@ issuer = "https://issuer.herald.test"
     .await;
     let good = json!({"aud": "herald-tests", "iss": "https://issuer.herald.test"});
 
-    let t = server.token("u1", 3600, json!({"aud": "someone-else", "iss": "https://issuer.herald.test"}));
+    let t = server.token(
+        "u1",
+        3600,
+        json!({"aud": "someone-else", "iss": "https://issuer.herald.test"}),
+    );
     assert_refused(&server, "wrong audience", &t).await;
     let t = server.token("u1", 3600, json!({"iss": "https://issuer.herald.test"}));
     assert_refused(&server, "missing audience", &t).await;
-    let t = server.token("u1", 3600, json!({"aud": "herald-tests", "iss": "https://evil.test"}));
+    let t = server.token(
+        "u1",
+        3600,
+        json!({"aud": "herald-tests", "iss": "https://evil.test"}),
+    );
     assert_refused(&server, "wrong issuer", &t).await;
     let t = server.token("u1", 3600, json!({"aud": "herald-tests"}));
     assert_refused(&server, "missing issuer", &t).await;
@@ -137,7 +153,9 @@ claims = {{ org_id = "7" }}
     ws.subscribe_ok("org/7/terminals").await;
     assert_eq!(ws.subscribe("org/8/terminals").await["code"], 403);
 
-    let mut ws = connect(&server.ws_url(), Some(&key)).await.expect("bearer client key");
+    let mut ws = connect(&server.ws_url(), Some(&key))
+        .await
+        .expect("bearer client key");
     ws.expect_welcome("device-d-9").await;
 
     let mut ws = connect(&server.ws_url(), None).await.expect("upgrade");
@@ -146,7 +164,11 @@ claims = {{ org_id = "7" }}
 
     // A server API key is not a client credential.
     let refused = connect(&server.ws_url(), Some(&server.admin_key)).await;
-    assert_eq!(refused.err().map(|e| e.status), Some(401), "server API key on /ws");
+    assert_eq!(
+        refused.err().map(|e| e.status),
+        Some(401),
+        "server API key on /ws"
+    );
 }
 
 #[tokio::test]
@@ -160,7 +182,9 @@ auth_timeout = "500ms"
     .await;
 
     // Good first-frame auth: no welcome before it, welcome after it.
-    let mut ws = connect(&server.ws_url(), None).await.expect("upgrade without credential");
+    let mut ws = connect(&server.ws_url(), None)
+        .await
+        .expect("upgrade without credential");
     ws.expect_no_message(Duration::from_millis(100)).await;
     let token = server.token("u1", 3600, json!({}));
     ws.send_json(&json!({"type": "auth", "token": token})).await;
@@ -181,8 +205,13 @@ auth_timeout = "500ms"
     );
 
     let mut ws = connect(&server.ws_url(), None).await.expect("upgrade");
-    ws.send_json(&json!({"type": "auth", "token": "garbage"})).await;
-    assert_eq!(ws.expect_close(T).await.0, 4001, "garbage first-frame token");
+    ws.send_json(&json!({"type": "auth", "token": "garbage"}))
+        .await;
+    assert_eq!(
+        ws.expect_close(T).await.0,
+        4001,
+        "garbage first-frame token"
+    );
 
     // No auth frame within auth_timeout → 4001, not much earlier than the timeout.
     let started = Instant::now();
@@ -194,7 +223,11 @@ auth_timeout = "500ms"
         took >= Duration::from_millis(400),
         "closed after {took:?}, before auth_timeout (500ms)"
     );
-    assert!(ws.skipped.is_empty(), "frames before the close: {:?}", ws.skipped);
+    assert!(
+        ws.skipped.is_empty(),
+        "frames before the close: {:?}",
+        ws.skipped
+    );
 }
 
 /// Required test 3 (expiry and refresh).
@@ -226,13 +259,17 @@ async fn refresh_keeps_the_connection_and_other_user_refresh_is_409() {
 
     // Refresh with another user's token → 409, connection unchanged.
     let other = server.token("u2", 3600, json!({}));
-    let r = ws.request(json!({"type": "auth", "id": "a1", "token": other})).await;
+    let r = ws
+        .request(json!({"type": "auth", "id": "a1", "token": other}))
+        .await;
     assert_eq!(r["code"], 409, "{r}");
     ws.assert_alive().await;
 
     // Good refresh for the same user.
     let longer = server.token("u1", 3600, json!({}));
-    let r = ws.request(json!({"type": "auth", "id": "a3", "token": longer})).await;
+    let r = ws
+        .request(json!({"type": "auth", "id": "a3", "token": longer}))
+        .await;
     assert_eq!(r["code"], 0, "{r}");
 
     // Stay connected past the old exp (+1 s for resolution): nothing (no close) arrives.
@@ -270,7 +307,11 @@ async fn revocation_by_jti_closes_4011_and_refuses_the_token() {
     let mut other = server.connect_user("u1").await;
 
     let (s, b) = server
-        .api_post("/api/v1/revocations", &server.admin_key, &json!({"jti": jti}))
+        .api_post(
+            "/api/v1/revocations",
+            &server.admin_key,
+            &json!({"jti": jti}),
+        )
         .await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["revoked"], true, "{b}");
@@ -279,15 +320,27 @@ async fn revocation_by_jti_closes_4011_and_refuses_the_token() {
     let started = Instant::now();
     let (code, _) = ws.expect_close(Duration::from_secs(3)).await;
     assert_eq!(code, 4011, "revoked jti");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
 
     let refused = connect(&server.ws_url(), Some(&token)).await;
-    assert_eq!(refused.err().map(|e| e.status), Some(401), "revoked token at handshake");
+    assert_eq!(
+        refused.err().map(|e| e.status),
+        Some(401),
+        "revoked token at handshake"
+    );
     other.assert_alive().await;
 
     // Publish key may not revoke.
     let (s, b) = server
-        .api_post("/api/v1/revocations", &server.publish_key, &json!({"jti": "x"}))
+        .api_post(
+            "/api/v1/revocations",
+            &server.publish_key,
+            &json!({"jti": "x"}),
+        )
         .await;
     assert_eq!(s, 403, "{b}");
 }
@@ -301,7 +354,11 @@ async fn revocation_by_user_closes_all_and_later_tokens_work() {
     let mut bystander = server.connect_user("dave").await;
 
     let (s, b) = server
-        .api_post("/api/v1/revocations", &server.admin_key, &json!({"user": "carol"}))
+        .api_post(
+            "/api/v1/revocations",
+            &server.admin_key,
+            &json!({"user": "carol"}),
+        )
         .await;
     let revoked_at = now_secs();
     assert_eq!(s, 200, "{b}");
@@ -314,7 +371,11 @@ async fn revocation_by_user_closes_all_and_later_tokens_work() {
 
     // Tokens issued at or before the revocation are refused.
     let refused = connect(&server.ws_url(), Some(&token)).await;
-    assert_eq!(refused.err().map(|e| e.status), Some(401), "old token after user revocation");
+    assert_eq!(
+        refused.err().map(|e| e.status),
+        Some(401),
+        "old token after user revocation"
+    );
 
     // A token issued after it (next clock second) works.
     wait_clock_past(revoked_at).await;
@@ -332,7 +393,11 @@ async fn disconnect_api_closes_every_connection_of_the_user_with_4011() {
     let mut other = server.connect_user("frank").await;
 
     let (s, body) = server
-        .api_post("/api/v1/users/erin/disconnect", &server.admin_key, &json!({}))
+        .api_post(
+            "/api/v1/users/erin/disconnect",
+            &server.admin_key,
+            &json!({}),
+        )
         .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["user"], "erin", "{body}");
@@ -348,7 +413,11 @@ async fn disconnect_api_closes_every_connection_of_the_user_with_4011() {
 
     // Needs the admin scope.
     let (s, body) = server
-        .api_post("/api/v1/users/frank/disconnect", &server.publish_key, &json!({}))
+        .api_post(
+            "/api/v1/users/frank/disconnect",
+            &server.publish_key,
+            &json!({}),
+        )
         .await;
     assert_eq!(s, 403, "{body}");
     other.assert_alive().await;

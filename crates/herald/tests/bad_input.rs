@@ -27,7 +27,12 @@ subscribes_per_second = 1000
     let mut ws = server.connect_user("alice").await;
 
     // Malformed JSON.
-    for bad in ["{not json", "[1,2", "\"just a string", "{\"type\":\"subscribe\",}"] {
+    for bad in [
+        "{not json",
+        "[1,2",
+        "\"just a string",
+        "{\"type\":\"subscribe\",}",
+    ] {
         ws.send_text(bad).await;
         let e = ws.recv_json(T).await;
         assert_error(&e, 400, bad);
@@ -39,7 +44,8 @@ subscribes_per_second = 1000
     }
 
     // Unknown type.
-    ws.send_json(&json!({"type": "subscrib", "topic": "room/x"})).await;
+    ws.send_json(&json!({"type": "subscrib", "topic": "room/x"}))
+        .await;
     let e = ws.recv_json(T).await;
     assert_error(&e, 400, "unknown type");
     assert_eq!(e["message"], "unknown type: subscrib", "{e}");
@@ -87,18 +93,30 @@ subscribes_per_second = 1000
         let r = ws.subscribe(topic).await;
         assert_eq!(r["code"], 400, "subscribe {topic:?}: {r}");
         assert!(
-            r["message"].as_str().is_some_and(|m| m.contains("invalid topic")),
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("invalid topic")),
             "subscribe {topic:?}: {r}"
         );
     }
     let r = ws.publish("room/has space", "e", json!(1)).await;
     assert_eq!(r["code"], 400, "{r}");
-    assert!(r["message"].as_str().unwrap_or("").contains("invalid topic"), "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid topic"),
+        "{r}"
+    );
     // Without an id: an error frame.
-    ws.send_json(&json!({"type": "subscribe", "topic": "a//b"})).await;
+    ws.send_json(&json!({"type": "subscribe", "topic": "a//b"}))
+        .await;
     let e = ws.recv_json(T).await;
     assert_error(&e, 400, "invalid topic without id");
-    assert!(e["message"].as_str().unwrap().contains("invalid topic"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("invalid topic"),
+        "{e}"
+    );
     ws.assert_alive().await;
 
     // Limits: a 16-segment topic and 64-byte segments are fine.
@@ -138,13 +156,21 @@ async fn oversized_frame_closes_1009_error_flood_closes_4008_server_stays_health
     // Error flood: more than max_errors_per_minute (default 30) → 4008.
     let mut flood = server.connect_user("flood").await;
     for i in 0..40 {
-        if flood.try_send_text(format!("{{bad json {i}")).await.is_err() {
+        if flood
+            .try_send_text(format!("{{bad json {i}"))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     let (code, _) = flood.expect_close(T).await;
     assert_eq!(code, 4008, "error flood");
-    let errors = flood.skipped.iter().filter(|f| f["type"] == "error").count();
+    let errors = flood
+        .skipped
+        .iter()
+        .filter(|f| f["type"] == "error")
+        .count();
     assert!(
         (25..=31).contains(&errors),
         "expected about 30 errors before the 4008 close, got {errors}"
@@ -153,6 +179,12 @@ async fn oversized_frame_closes_1009_error_flood_closes_4008_server_stays_health
     // The server is healthy and other clients are served.
     let (s, body) = server.get("/healthz").await;
     assert_eq!(s, 200, "{body}");
+    let metrics = server.metrics().await;
+    let errors = metric_sum(&metrics, "herald_errors_total", &[]).unwrap_or(0.0);
+    assert!(
+        errors >= 30.0,
+        "herald_errors_total = {errors} after the flood"
+    );
     let (s, b) = server
         .api_post(
             "/api/v1/rooms/after/messages",

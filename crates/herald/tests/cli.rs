@@ -36,7 +36,12 @@ fn check(config: &str) -> Output {
 fn check_config_accepts_the_test_config_and_a_full_one() {
     let keys = Keys::random();
     let out = check(&keys.config(""));
-    assert_eq!(out.status.code(), Some(0), "valid config refused:\n{}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "valid config refused:\n{}",
+        text(&out)
+    );
 
     let full = keys.config(
         r#"
@@ -80,7 +85,12 @@ publish = "allow"
 "#,
     );
     let out = check(&full);
-    assert_eq!(out.status.code(), Some(0), "valid config refused:\n{}\n{full}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "valid config refused:\n{}\n{full}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -88,12 +98,20 @@ fn check_config_names_unknown_keys_and_exits_2() {
     let keys = Keys::random();
     for (extra, key) in [
         ("[server]\nbogus_key = 1\n", "bogus_key"),
-        ("[limits]\nmax_conections_per_user = 5\n", "max_conections_per_user"),
+        (
+            "[limits]\nmax_conections_per_user = 5\n",
+            "max_conections_per_user",
+        ),
         ("[auth]\njwt_secrett = \"x\"\n", "jwt_secrett"),
         ("[nonsense_section]\na = 1\n", "nonsense_section"),
     ] {
         let out = check(&keys.config(extra));
-        assert_eq!(out.status.code(), Some(2), "unknown key {key}:\n{}", text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "unknown key {key}:\n{}",
+            text(&out)
+        );
         assert!(
             text(&out).contains(key),
             "message must name {key}:\n{}",
@@ -106,12 +124,19 @@ fn check_config_names_unknown_keys_and_exits_2() {
 fn check_config_refuses_bad_values() {
     let keys = Keys::random();
     for (extra, needle) in [
-        ("[limits]\nheartbeat_interval = \"10\"\n", "heartbeat_interval"),
+        (
+            "[limits]\nheartbeat_interval = \"10\"\n",
+            "heartbeat_interval",
+        ),
         ("[server]\nlisten = \"not an address\"\n", "listen"),
     ] {
         let out = check(&keys.config(extra));
         assert!(!out.status.success(), "{extra} accepted:\n{}", text(&out));
-        assert!(text(&out).contains(needle), "message must name {needle}:\n{}", text(&out));
+        assert!(
+            text(&out).contains(needle),
+            "message must name {needle}:\n{}",
+            text(&out)
+        );
     }
     let out = herald(&["check-config", "/nonexistent/herald.toml"]);
     assert!(!out.status.success(), "missing file accepted");
@@ -124,7 +149,10 @@ async fn token_command_mints_a_jwt_the_server_accepts() {
     assert!(out.status.success(), "herald token failed:\n{}", text(&out));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(token.matches('.').count(), 2, "not a JWT: {token:?}");
-    assert!(!token.contains(char::is_whitespace), "stdout must be just the token: {token:?}");
+    assert!(
+        !token.contains(char::is_whitespace),
+        "stdout must be just the token: {token:?}"
+    );
 
     let server = Server::builder().secret(&secret).start().await;
     let mut ws = server.connect_token(&token, "cli-user").await;

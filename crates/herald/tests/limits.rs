@@ -33,7 +33,10 @@ async fn pipeline(ws: &mut Ws, reqs: Vec<Value>) -> Vec<Value> {
 }
 
 fn codes(replies: &[Value]) -> Vec<i64> {
-    replies.iter().map(|r| r["code"].as_i64().unwrap_or(-1)).collect()
+    replies
+        .iter()
+        .map(|r| r["code"].as_i64().unwrap_or(-1))
+        .collect()
 }
 
 #[tokio::test]
@@ -60,7 +63,10 @@ async fn subscribe_flood_gets_429_and_a_batch_counts_once() {
     let ok = c.iter().filter(|&&c| c == 0).count();
     let limited = c.iter().filter(|&&c| c == 429).count();
     assert_eq!(ok + limited, 30, "only 0 and 429 expected: {c:?}");
-    assert!((8..=20).contains(&ok), "{ok} of 30 passed (10/s per user): {c:?}");
+    assert!(
+        (8..=20).contains(&ok),
+        "{ok} of 30 passed (10/s per user): {c:?}"
+    );
     assert!(limited >= 10, "{limited} of 30 limited: {c:?}");
 
     ws.assert_alive().await;
@@ -107,7 +113,10 @@ async fn client_publish_flood_gets_429() {
     let ok = c.iter().filter(|&&c| c == 0).count();
     let limited = c.iter().filter(|&&c| c == 429).count();
     assert_eq!(ok + limited, 130, "only 0 and 429 expected: {c:?}");
-    assert!((95..=105).contains(&ok), "{ok} of 130 passed (100/min per user)");
+    assert!(
+        (95..=105).contains(&ok),
+        "{ok} of 130 passed (100/min per user)"
+    );
 
     // The listener got exactly the accepted ones.
     for _ in 0..ok {
@@ -135,7 +144,10 @@ subscribes_per_second = 1000
         let r = ws.subscribe(&format!("room/s{i}")).await;
         if r["code"] == 429 {
             assert!(
-                r["message"].as_str().unwrap_or("").contains("subscriptions"),
+                r["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("subscriptions"),
                 "429 must name subscriptions: {r}"
             );
         }

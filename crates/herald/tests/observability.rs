@@ -59,14 +59,21 @@ format = "json"
     let lines = lines_with_trace();
     assert!(lines.len() >= 2, "{lines:#?}");
     for l in &lines {
-        let v: Value = serde_json::from_str(l)
-            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}"));
+        let v: Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}"));
         assert!(v.is_object(), "{l}");
     }
 
     // Every stderr line is JSON in this mode.
-    for l in server.stderr_text().lines().filter(|l| !l.trim().is_empty()) {
-        assert!(serde_json::from_str::<Value>(l).is_ok(), "non-JSON log line: {l}");
+    for l in server
+        .stderr_text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        assert!(
+            serde_json::from_str::<Value>(l).is_ok(),
+            "non-JSON log line: {l}"
+        );
     }
 }
 

@@ -51,7 +51,11 @@ async fn sigterm_drains_clients_and_exits_zero() {
         }
         let (code, _) = ws.expect_close(T).await;
         assert_eq!(code, 1012, "client {i}");
-        assert!(ws.skipped.is_empty(), "client {i}: frames between reconnect and close: {:?}", ws.skipped);
+        assert!(
+            ws.skipped.is_empty(),
+            "client {i}: frames between reconnect and close: {:?}",
+            ws.skipped
+        );
     }
 
     let status = server.wait_exit(Duration::from_secs(6)).await;
@@ -87,5 +91,9 @@ async fn sigterm_when_idle_exits_zero_quickly() {
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(5)).await;
     assert!(status.success(), "exit status {status:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
 }

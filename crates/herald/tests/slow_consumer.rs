@@ -92,16 +92,24 @@ ingest_per_second = 1000000
     }
 
     // The slow connection is gone: stats and presence show only the two fast clients.
-    eventually(Duration::from_secs(15), "slow client dropped (total_clients == 2)", || async {
-        server.stats().await["total_clients"] == 2
-    })
+    eventually(
+        Duration::from_secs(15),
+        "slow client dropped (total_clients == 2)",
+        || async { server.stats().await["total_clients"] == 2 },
+    )
     .await;
     assert_eq!(server.presence("slow").await, 0);
     assert_eq!(server.presence("fast1").await, 1);
 
     let metrics = server.metrics().await;
-    let dropped = metric_sum(&metrics, "herald_messages_dropped_total", &[("reason", "queue_full")])
-        .unwrap_or_else(|| panic!("no herald_messages_dropped_total{{reason=\"queue_full\"}}:\n{metrics}"));
+    let dropped = metric_sum(
+        &metrics,
+        "herald_messages_dropped_total",
+        &[("reason", "queue_full")],
+    )
+    .unwrap_or_else(|| {
+        panic!("no herald_messages_dropped_total{{reason=\"queue_full\"}}:\n{metrics}")
+    });
     assert!(dropped > 0.0, "dropped = {dropped}");
 
     // The fast clients are still connected and got nothing more.
@@ -126,7 +134,10 @@ ingest_per_second = 1000000
         got.windows(2).all(|w| w[0] < w[1]),
         "slow client got messages out of order"
     );
-    assert!((got.len() as u64) < N, "the slow client cannot have received all {N}");
+    assert!(
+        (got.len() as u64) < N,
+        "the slow client cannot have received all {N}"
+    );
     eprintln!("slow client: {} messages before {:?}", got.len(), end);
 }
 

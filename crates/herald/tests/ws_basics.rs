@@ -21,7 +21,11 @@ async fn welcome_has_the_contract_fields_and_subprotocol_is_echoed() {
     )
     .await
     .expect("handshake");
-    assert_eq!(ws.protocol.as_deref(), Some("herald.json.v1"), "subprotocol not echoed");
+    assert_eq!(
+        ws.protocol.as_deref(),
+        Some("herald.json.v1"),
+        "subprotocol not echoed"
+    );
     let w = ws.expect_welcome("42").await;
     assert!(
         w["conn_id"].as_str().is_some_and(|c| c.starts_with("c-")),
@@ -126,7 +130,9 @@ async fn two_users_three_connections_user_broadcast_room_and_forbidden() {
         assert_eq!(m["data"]["text"], "from api", "{m}");
     }
 
-    let r = b1.publish("room/lobby", "chat", json!({"text": "from bob"})).await;
+    let r = b1
+        .publish("room/lobby", "chat", json!({"text": "from bob"}))
+        .await;
     assert_eq!(r["code"], 0, "client publish to a room: {r}");
     let m = a1.recv_message("room/lobby").await;
     assert_eq!(m["event"], "chat", "{m}");
@@ -164,7 +170,9 @@ async fn client_publish_needs_publish_permission_and_is_delivered_with_envelope(
     b.join_room_ok("chat:room001").await;
 
     let before = now_millis();
-    let r = a.publish("room/chat:room001", "chat", json!({"text": "yo"})).await;
+    let r = a
+        .publish("room/chat:room001", "chat", json!({"text": "yo"}))
+        .await;
     assert_eq!(r["code"], 0, "{r}");
     let m = b.recv_message("room/chat:room001").await;
     assert_eq!(m["event"], "chat");
@@ -198,20 +206,29 @@ async fn batch_subscribe_with_a_forbidden_topic_unsubscribe_and_since() {
         }))
         .await;
     assert_eq!(r["code"], 403, "first failing code: {r}");
-    let results = r["results"].as_array().unwrap_or_else(|| panic!("results: {r}"));
+    let results = r["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("results: {r}"));
     assert_eq!(results.len(), 3, "{r}");
     assert_eq!(results[0]["topic"], "global/news");
     assert_eq!(results[0]["code"], 0, "{r}");
     assert_eq!(results[1]["topic"], "user/bob/notifications");
     assert_eq!(results[1]["code"], 403, "{r}");
-    assert_eq!(results[1]["message"], "forbidden: user/bob/notifications", "{r}");
+    assert_eq!(
+        results[1]["message"], "forbidden: user/bob/notifications",
+        "{r}"
+    );
     assert_eq!(results[2]["topic"], "user/alice/notifications");
     assert_eq!(results[2]["code"], 0, "{r}");
 
     // The allowed ones deliver; the forbidden one does not.
-    server.publish("user/bob/notifications", "n", json!(1)).await;
+    server
+        .publish("user/bob/notifications", "n", json!(1))
+        .await;
     server.publish("global/news", "n", json!(2)).await;
-    server.publish("user/alice/notifications", "n", json!(3)).await;
+    server
+        .publish("user/alice/notifications", "n", json!(3))
+        .await;
     let m = a.recv_message("global/news").await;
     assert_eq!(m["data"], 2);
     let m = a.recv_message("user/alice/notifications").await;
@@ -233,7 +250,10 @@ async fn batch_subscribe_with_a_forbidden_topic_unsubscribe_and_since() {
     server.publish("global/news", "n", json!(4)).await;
     server.publish("global/a", "n", json!(5)).await;
     let m = a.recv_message("global/a").await;
-    assert_eq!(m["data"], 5, "global/news must not be delivered after unsubscribe");
+    assert_eq!(
+        m["data"], 5,
+        "global/news must not be delivered after unsubscribe"
+    );
     a.expect_no_message(QUIET).await;
 
     // Batch unsubscribe.
@@ -251,7 +271,9 @@ async fn batch_subscribe_with_a_forbidden_topic_unsubscribe_and_since() {
         .await;
     assert_eq!(r["code"], 0, "{r}");
     assert_eq!(r["recovered"], false, "{r}");
-    server.publish("global/ticker", "tick", json!({"p": 1})).await;
+    server
+        .publish("global/ticker", "tick", json!({"p": 1}))
+        .await;
     let m = a.recv_message("global/ticker").await;
     assert_eq!(m["data"], json!({"p": 1}));
 }
@@ -270,7 +292,9 @@ async fn leave_room_stops_delivery() {
         .await;
     assert_eq!(a.recv_message("room/r1").await["data"], 1);
 
-    let r = a.request(json!({"type": "leave_room", "id": "l1", "room": "r1"})).await;
+    let r = a
+        .request(json!({"type": "leave_room", "id": "l1", "room": "r1"}))
+        .await;
     assert_eq!(r["code"], 0, "{r}");
     let (s, b) = server
         .api_post(

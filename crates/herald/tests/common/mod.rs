@@ -52,11 +52,17 @@ pub fn random_hex(n: usize) -> String {
 }
 
 pub fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 pub fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// Waits (polling every 20 ms) until the wall-clock second is strictly greater than `secs`.
@@ -80,7 +86,10 @@ where
         if f().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -102,7 +111,10 @@ fn b64url(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
@@ -511,9 +523,7 @@ impl Server {
         body: Option<(Vec<u8>, &str)>,
     ) -> (u16, String) {
         let url = format!("{}{}", self.http_url(), path);
-        let mut req = self
-            .http
-            .request(method.parse().expect("method"), &url);
+        let mut req = self.http.request(method.parse().expect("method"), &url);
         if let Some(key) = key {
             req = req.bearer_auth(key);
         }
@@ -563,7 +573,10 @@ impl Server {
             )
             .await;
         assert_eq!(s, 200, "publish to {topic}: {b}");
-        b["id"].as_str().unwrap_or_else(|| panic!("publish answer without id: {b}")).to_owned()
+        b["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("publish answer without id: {b}"))
+            .to_owned()
     }
 
     /// `connections` from `GET /api/v1/users/{user}/presence`.
@@ -604,9 +617,11 @@ impl Server {
     }
 
     pub async fn wait_subscribers(&self, topic: &str, n: u64) {
-        eventually(T, &format!("subscribers of {topic} == {n}"), || async move {
-            self.subscribers(topic).await == n
-        })
+        eventually(
+            T,
+            &format!("subscribers of {topic} == {n}"),
+            || async move { self.subscribers(topic).await == n },
+        )
         .await;
     }
 
@@ -701,10 +716,7 @@ pub async fn connect(url: &str, bearer: Option<&str>) -> Result<Ws, HandshakeFai
 }
 
 pub async fn connect_with(url: &str, opts: ConnectOpts<'_>) -> Result<Ws, HandshakeFailure> {
-    let io_fail = |e: String| HandshakeFailure {
-        status: 0,
-        body: e,
-    };
+    let io_fail = |e: String| HandshakeFailure { status: 0, body: e };
     let authority = url
         .strip_prefix("ws://")
         .and_then(|r| r.split('/').next())
@@ -749,25 +761,21 @@ pub async fn connect_with(url: &str, opts: ConnectOpts<'_>) -> Result<Ws, Handsh
         .map_err(|e| io_fail(format!("tcp connect: {e}")))?;
     let _ = stream.set_nodelay(true);
 
-    let (stream, response) = match tokio::time::timeout(
-        T,
-        tokio_tungstenite::client_async(request, stream),
-    )
-    .await
-    {
-        Err(_) => return Err(io_fail("websocket handshake timed out".into())),
-        Ok(Err(tungstenite::Error::Http(resp))) => {
-            let status = resp.status().as_u16();
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            return Err(HandshakeFailure { status, body });
-        }
-        Ok(Err(e)) => return Err(io_fail(format!("handshake: {e}"))),
-        Ok(Ok(x)) => x,
-    };
+    let (stream, response) =
+        match tokio::time::timeout(T, tokio_tungstenite::client_async(request, stream)).await {
+            Err(_) => return Err(io_fail("websocket handshake timed out".into())),
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                return Err(HandshakeFailure { status, body });
+            }
+            Ok(Err(e)) => return Err(io_fail(format!("handshake: {e}"))),
+            Ok(Ok(x)) => x,
+        };
     let protocol = response
         .headers()
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -821,7 +829,9 @@ impl Ws {
 
     /// Next frame from the wire, `None` on timeout.
     pub async fn next_frame(&mut self, timeout: Duration) -> Option<Frame> {
-        let msg = tokio::time::timeout(timeout, self.stream.next()).await.ok()?;
+        let msg = tokio::time::timeout(timeout, self.stream.next())
+            .await
+            .ok()?;
         Some(match msg {
             None => Frame::Ended("end of stream".into()),
             Some(Err(e)) => Frame::Ended(e.to_string()),
@@ -865,7 +875,10 @@ impl Ws {
     /// Next JSON frame, asserted to be a `message` on `topic`.
     pub async fn recv_message(&mut self, topic: &str) -> Value {
         let m = self.recv_json(T).await;
-        assert_eq!(m["type"], "message", "expected a message on {topic}, got {m}");
+        assert_eq!(
+            m["type"], "message",
+            "expected a message on {topic}, got {m}"
+        );
         assert_eq!(m["topic"], topic, "expected a message on {topic}, got {m}");
         m
     }
@@ -932,7 +945,11 @@ impl Ws {
     /// wait in the suite.
     pub async fn expect_no_message(&mut self, d: Duration) {
         assert!(d <= QUIET, "expect_no_message waits at most {QUIET:?}");
-        assert!(self.backlog.is_empty(), "unexpected frames: {:?}", self.backlog);
+        assert!(
+            self.backlog.is_empty(),
+            "unexpected frames: {:?}",
+            self.backlog
+        );
         let deadline = Instant::now() + d;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1030,8 +1047,10 @@ impl Ws {
     /// Client publish; returns the reply.
     pub async fn publish(&mut self, topic: &str, event: &str, data: Value) -> Value {
         let id = self.next_id();
-        self.request(json!({"type": "publish", "id": id, "topic": topic, "event": event, "data": data}))
-            .await
+        self.request(
+            json!({"type": "publish", "id": id, "topic": topic, "event": event, "data": data}),
+        )
+        .await
     }
 
     /// Sends `{"type":"ping"}` and waits for `{"type":"pong"}` (other frames go to the

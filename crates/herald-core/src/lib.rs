@@ -9,6 +9,7 @@
 //! - [`hub`]: the sharded subscription index and local fanout.
 //! - [`bus`]: the [`bus::Bus`] and [`bus::Presence`] traits the cluster plugs into, and their
 //!   in-memory single-node implementations.
+//! - [`history`]: topic history (gapless `seq`, resume with `since`) and retained values.
 //! - [`store`]: the [`store::Store`] trait (durable user inboxes) and its in-memory implementation.
 //! - [`error`]: the one error type and its mapping to protocol codes.
 //! - [`duration`]: human durations (`"10s"`, `"5m"`) for configuration.
@@ -21,6 +22,7 @@ pub mod acl;
 pub mod bus;
 pub mod duration;
 pub mod error;
+pub mod history;
 pub mod hub;
 pub mod identity;
 pub mod message;

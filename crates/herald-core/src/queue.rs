@@ -55,7 +55,9 @@ pub enum Push {
     Closed,
     /// This push found the queue persistently full and closed it with 4009, discarding
     /// this many queued messages (plus the pushed one).
-    SlowConsumer { discarded: usize },
+    SlowConsumer {
+        discarded: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -108,7 +110,8 @@ impl ConnQueue {
             let since = *g.full_since.get_or_insert(now);
             if now.duration_since(since) >= self.slow_timeout || g.items.len() >= self.capacity * 2
             {
-                let discarded = Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer") + 1;
+                let discarded =
+                    Self::close_locked(&mut g, close::SLOW_CONSUMER, "slow consumer") + 1;
                 let waker = g.waker.take();
                 drop(g);
                 wake(waker);
@@ -173,10 +176,14 @@ impl ConnQueue {
         wake(waker);
     }
 
-        /// Discard the queued messages and request the close; returns how many messages were
+    /// Discard the queued messages and request the close; returns how many messages were
     /// discarded (durable ones included: they stay in the store).
     fn close_locked(g: &mut Inner, code: u16, reason: &'static str) -> usize {
-        let discarded = g.items.iter().filter(|i| matches!(i, Outgoing::Message(_))).count();
+        let discarded = g
+            .items
+            .iter()
+            .filter(|i| matches!(i, Outgoing::Message(_)))
+            .count();
         g.dropped += discarded as u64;
         g.items.clear();
         g.ephemeral = 0;
@@ -323,7 +330,10 @@ mod tests {
         let q = ConnQueue::new(2, Duration::ZERO);
         q.push_message(msg(0, false));
         q.push_message(msg(1, false));
-        assert_eq!(q.push_message(msg(2, false)), Push::SlowConsumer { discarded: 3 });
+        assert_eq!(
+            q.push_message(msg(2, false)),
+            Push::SlowConsumer { discarded: 3 }
+        );
         assert_eq!(q.push_message(msg(3, false)), Push::Closed);
         let (items, close) = drain_now(&q);
         assert!(items.is_empty());

@@ -17,8 +17,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use herald_core::bus::ControlEvent;
 use herald_core::error::{Error, Origin};
-use herald_core::message::{MessageBuilder, now_ms, now_secs};
-use herald_core::store::{InboxRecord, InboxStatus, Inserted};
+use herald_core::message::{now_ms, now_secs};
+use herald_core::store::InboxStatus;
 use herald_core::topic::Topic;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::auth::{ApiAuthError, RevocationRequest, Scope, bearer_token};
+use crate::publish::{self as publishing, PublishRequest};
 use crate::state::AppState;
 
 /// Messages in one batch publish, at most.
@@ -52,14 +53,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/demo", get(demo))
-                .fallback(not_found)
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
 async fn method_not_allowed() -> Response {
-    json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
+    )
 }
 
 /// Every error answer is JSON `{code, message}`: rejections produced by extractors (bad
@@ -78,7 +82,11 @@ async fn json_errors(res: Response) -> Response {
         Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
         Err(_) => String::new(),
     };
-    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_owned() } else { text };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
     json_error(status, &message)
 }
 
@@ -164,27 +172,6 @@ fn err(state: &AppState, e: Error) -> Response {
     ApiError(e).into_response()
 }
 
-/// `POST /api/v1/publish` body (and each entry of a batch).
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct PublishReq {
-    topic: String,
-    #[serde(default)]
-    event: Option<String>,
-    #[serde(default)]
-    data: Option<Box<RawValue>>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    durable: Option<bool>,
-    #[serde(default)]
-    ttl: Option<String>,
-    #[serde(default)]
-    partition: Option<String>,
-    #[serde(default)]
-    trace_id: Option<String>,
-}
-
 /// `{event, data, id?, durable?, trace_id?}` for broadcast, room and user messages.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -202,8 +189,8 @@ struct EventReq {
 }
 
 impl EventReq {
-    fn into_publish(self, topic: String) -> PublishReq {
-        PublishReq {
+    fn into_publish(self, topic: String) -> PublishRequest {
+        PublishRequest {
             topic,
             event: self.event,
             data: self.data,
@@ -215,117 +202,6 @@ impl EventReq {
         }
     }
 }
-
-/// Ids, event names, trace ids: 1 to 128 bytes, no control characters.
-pub(crate) fn check_token(name: &str, v: &str) -> Result<(), Error> {if v.is_empty() || v.len() > 128 || v.chars().any(char::is_control) {
-        return Err(Error::BadRequest(format!(
-            "`{name}` must be 1 to 128 bytes with no control characters"
-        )));
-    }
-    Ok(())
-}
-
-/// What a successful publish answers.
-struct Published {
-    id: String,
-    seq: Option<u64>,
-    status: &'static str,
-}
-
-impl Published {
-    fn to_json(&self, with_status: bool) -> Value {
-        let mut v = json!({ "id": self.id });
-        if let Some(seq) = self.seq {
-            v["seq"] = json!(seq);
-        }
-                // A duplicate is always flagged: nothing was stored or delivered for it.
-        if with_status || self.status == "duplicate" {
-            v["status"] = json!(self.status);
-        }
-        v
-    }
-}
-
-/// The one publish path of the server API: validate, store when durable, hand to the bus.
-async fn publish_one(state: &AppState, req: PublishReq) -> Result<Published, Error> {
-    let topic = Topic::parse(&req.topic)?;
-    let event = req.event.unwrap_or_else(|| "message".to_owned());
-    check_token("event", &event)?;
-    if let Some(id) = &req.id {
-        check_token("id", id)?;
-    }
-    if let Some(t) = &req.trace_id {
-        check_token("trace_id", t)?;
-    }
-    if let Some(p) = &req.partition {
-        check_token("partition", p)?;
-    }
-    if req.ttl.is_some() {
-        return Err(Error::BadRequest(
-            "`ttl` is not supported by this build".into(),
-        ));
-    }
-    let data = match req.data {
-        Some(d) => d,
-        None => {
-            RawValue::from_string("null".to_owned()).map_err(|e| Error::Internal(e.to_string()))?
-        }
-    };
-    let max = state.config.limits.max_message_size;
-    if data.get().len() > max {
-        return Err(Error::TooLarge(format!(
-            "`data` is larger than {max} bytes"
-        )));
-    }
-    let options = state.acl.options(&topic);
-    let durable = req.durable.unwrap_or(options.durable);
-        let inbox_user = durable.then(|| topic.inbox_owner().map(str::to_owned)).flatten();
-    if durable && inbox_user.is_none() {
-        return Err(Error::BadRequest(
-            "durable messages go to a user's inbox: topic `user/{id}` or `user/{id}/…`".into(),
-        ));
-    }
-    let mut b = MessageBuilder::new(topic, event, data);
-    b.id = req.id;
-    b.trace_id = req.trace_id;
-    b.durable = durable;
-    let msg = b.build();
-    let mut status = "published";
-    if let Some(user) = inbox_user {
-        let record = InboxRecord {
-            id: msg.id.to_string(),
-            user,
-            topic: msg.topic.as_str().to_owned(),
-            event: msg.event.to_string(),
-            data: msg.data.clone(),
-            trace_id: msg.trace_id.as_deref().map(str::to_owned),
-            status: InboxStatus::Pending,
-            retry_count: 0,
-            created_at: msg.ts,
-            updated_at: msg.ts,
-        };
-        // Stored before the publisher is answered; a duplicate id stores and delivers nothing.
-        if state.store.insert(record).await? == Inserted::Duplicate {
-            return Ok(Published {
-                id: msg.id.to_string(),
-                seq: None,
-                status: "duplicate",
-            });
-        }
-        status = InboxStatus::Pending.as_str();
-    }
-    let published = Published {
-        id: msg.id.to_string(),
-        seq: msg.seq,
-        status,
-    };
-    tracing::debug!(trace_id = msg.trace_id.as_deref(), topic = %msg.topic, id = %msg.id, durable, "publish");
-    state.metrics.received_api.increment(1);
-    state.bus.publish(Arc::new(msg)).await?;
-    Ok(published)
-}
-
-
 
 fn ingest_allowed(state: &AppState, n: usize) -> Result<(), Response> {
     if state.limiters.ingest(u32::try_from(n).unwrap_or(u32::MAX)) {
@@ -342,9 +218,11 @@ fn body_limit(state: &AppState) -> usize {
 
 async fn publish(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
     authorize(&state, &headers, Scope::Publish)?;
-    let req: PublishReq = read_json(&state, body, body_limit(&state)).await?;
+    let req: PublishRequest = read_json(&state, body, body_limit(&state)).await?;
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req).await.map_err(|e| err(&state, e))?;
+    let p = publishing::publish(&state, req, None)
+        .await
+        .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(false)).into_response())
 }
 
@@ -370,8 +248,8 @@ async fn publish_batch(
     ingest_allowed(&state, batch.messages.len())?;
     let mut results = Vec::with_capacity(batch.messages.len());
     for m in batch.messages {
-        let r = match serde_json::from_value::<PublishReq>(m) {
-            Ok(req) => publish_one(&state, req).await,
+        let r = match serde_json::from_value::<PublishRequest>(m) {
+            Ok(req) => publishing::publish(&state, req, None).await,
             Err(e) => Err(Error::BadRequest(format!("invalid message: {e}"))),
         };
         results.push(match r {
@@ -393,7 +271,7 @@ async fn broadcast(
     authorize(&state, &headers, Scope::Publish)?;
     let req: EventReq = read_json(&state, body, body_limit(&state)).await?;
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req.into_publish("broadcast".to_owned()))
+    let p = publishing::publish(&state, req.into_publish("broadcast".to_owned()), None)
         .await
         .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(false)).into_response())
@@ -409,7 +287,7 @@ async fn room_message(
     let req: EventReq = read_json(&state, body, body_limit(&state)).await?;
     let topic = Topic::room(&room).map_err(|e| err(&state, e.into()))?;
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned()))
+    let p = publishing::publish(&state, req.into_publish(topic.as_str().to_owned()), None)
         .await
         .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(false)).into_response())
@@ -427,7 +305,7 @@ async fn user_message(
     // User messages are durable unless the publisher says otherwise.
     req.durable = Some(req.durable.unwrap_or(true));
     ingest_allowed(&state, 1)?;
-    let p = publish_one(&state, req.into_publish(topic.as_str().to_owned()))
+    let p = publishing::publish(&state, req.into_publish(topic.as_str().to_owned()), None)
         .await
         .map_err(|e| err(&state, e))?;
     Ok(Json(p.to_json(true)).into_response())

@@ -617,13 +617,16 @@ pub enum ConfigError {
     Topics(#[from] AclError),
 }
 
-/// Where in a config file an error is: 1-based line and column, and the enclosing
-/// `[section]` header when there is one.
+/// Where in a config file an error is: 1-based line and column, and (best effort, read from
+/// the text around it) the enclosing table header and the dotted key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     pub line: usize,
     pub column: usize,
+    /// The header of the enclosing table, as written (`[server]`, `[[topics]]`).
     pub section: Option<String>,
+    /// The key on that line, with its table path: `limits.send_queue`, `topics[1].subscribe`.
+    pub key: Option<String>,
 }
 
 struct DisplayLocation<'a>(Option<&'a Location>);
@@ -634,10 +637,11 @@ impl fmt::Display for DisplayLocation<'_> {
             return Ok(());
         };
         write!(f, ", line {}, column {}", loc.line, loc.column)?;
-        if let Some(section) = &loc.section {
-            write!(f, " in {section}")?;
+        match (&loc.key, &loc.section) {
+            (Some(key), _) => write!(f, ", {key}"),
+            (None, Some(section)) => write!(f, ", in {section}"),
+            (None, None) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -651,16 +655,54 @@ impl Location {
         let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
         let lines: Vec<&str> = text.lines().take(line).collect();
         let (this_line, above) = lines.split_last().unwrap_or((&"", &[]));
-        // An error on a header line itself (`[servr]`) is at the top level.
-        let section = if table_header(this_line).is_some() {
-            None
-        } else {
-            above.iter().rev().find_map(|l| table_header(l))
+
+        // An error on a header line itself (`[servr]`) is about that table name.
+        if let Some(header) = table_header(this_line) {
+            return Location {
+                line,
+                column,
+                section: None,
+                key: Some(header_name(&header).to_owned()),
+            };
+        }
+        let enclosing = above
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, l)| Some((i, table_header(l)?)));
+        let (section, path) = match enclosing {
+            None => (None, None),
+            Some((i, header)) => {
+                let name = header_name(&header).to_owned();
+                let path = if header.starts_with("[[") {
+                    // The how-many-th entry of this array of tables.
+                    let index = above
+                        .get(..i)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|l| table_header(l).as_deref() == Some(header.as_str()))
+                        .count();
+                    format!("{name}[{index}]")
+                } else {
+                    name
+                };
+                (Some(header), Some(path))
+            }
+        };
+        let key_here = this_line
+            .split_once('=')
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && !k.starts_with('#'));
+        let key = match (path, key_here) {
+            (Some(path), Some(k)) => Some(format!("{path}.{k}")),
+            (None, Some(k)) => Some(k.to_owned()),
+            (path, None) => path,
         };
         Location {
             line,
             column,
             section,
+            key,
         }
     }
 }
@@ -677,6 +719,11 @@ fn table_header(line: &str) -> Option<String> {
     };
     let end = line.find(close)? + close.len();
     line.get(..end).map(str::to_owned)
+}
+
+/// `server` for `[server]`, `topics` for `[[topics]]`.
+fn header_name(header: &str) -> &str {
+    header.trim_matches(|c| c == '[' || c == ']').trim()
 }
 
 fn invalid(key: &str, reason: String) -> ConfigError {
@@ -1378,12 +1425,24 @@ mod tests {
         );
         let e = err(load(Some(&f.0), Vec::new(), &Overrides::default()));
         assert!(e.starts_with("config file "), "{e}");
-        assert!(e.contains("herald.toml, line 5, column 1 in [server]: unknown field `lisen`, expected one of `listen`"), "{e}");
+        assert!(e.contains("herald.toml, line 5, column 1, server.lisen: unknown field `lisen`, expected one of `listen`"), "{e}");
 
         let f = TempFile::new("h.toml", "[servr]\nlisten = 1\n");
         let e = err(load(Some(&f.0), Vec::new(), &Overrides::default()));
         assert!(
-            e.contains("h.toml, line 1, column 2: unknown field `servr`"),
+            e.contains("h.toml, line 1, column 2, servr: unknown field `servr`"),
+            "{e}"
+        );
+
+        // Type and form errors name the key (the message from serde does not).
+        let f = TempFile::new(
+            "h.toml",
+            "[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n\
+             [limits]\nheartbeat_interval = \"10\"\n",
+        );
+        let e = err(load(Some(&f.0), Vec::new(), &Overrides::default()));
+        assert!(
+            e.contains("line 4, column 22, limits.heartbeat_interval: invalid duration \"10\""),
             "{e}"
         );
 
@@ -1712,19 +1771,25 @@ mod tests {
 
     #[test]
     fn locations() {
-        let text = "a = 1\n[server]\nlisen = 2\n[[topics]]\npattern = 3\n";
+        let text = "a = 1\n[server]\nlisen = 2\n[[topics]]\npattern = 3\n[[topics]]\n\
+                    subscribe = { roles = [] }\nlist = [\n  1,\n]\n";
         let at = |needle: &str| Location::find(text, text.find(needle).unwrap());
         assert_eq!(
             at("lisen"),
             Location {
                 line: 3,
                 column: 1,
-                section: Some("[server]".into())
+                section: Some("[server]".into()),
+                key: Some("server.lisen".into()),
             }
         );
-        assert_eq!(at("3").section.as_deref(), Some("[[topics]]"));
+        assert_eq!(at("3").key.as_deref(), Some("topics[0].pattern"));
+        assert_eq!(at("{ roles").key.as_deref(), Some("topics[1].subscribe"));
+        assert_eq!(at("1,").key.as_deref(), Some("topics[1]"));
+        assert_eq!(at("1,").section.as_deref(), Some("[[topics]]"));
+        assert_eq!(at("= 1").key.as_deref(), Some("a"));
         assert_eq!(at("= 1").section, None);
-        assert_eq!(at("server").section, None);
-        assert_eq!(Location::find(text, 10_000).line, 6);
+        assert_eq!(at("server").key.as_deref(), Some("server"));
+        assert_eq!(Location::find(text, 10_000).line, 11);
     }
 }

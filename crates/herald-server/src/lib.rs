@@ -6,6 +6,7 @@
 //! - [`auth`]: JWT and API-key authentication, revocations.
 //! - [`ws`]: the `/ws` endpoint and the per-connection task (JSON v1).
 //! - [`api`]: the HTTP server API, health, metrics and the demo page.
+//! - [`publish`]: the one publish path (store, history, retained, ordering, bus).
 //! - [`state`]: the shared node state and the router applying bus deliveries to the hub.
 //! - [`limits`]: rate limiters.
 //! - [`metrics`]: Prometheus metrics.
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod config;
 pub mod limits;
 pub mod metrics;
+pub mod publish;
 pub mod state;
 pub mod ws;
 
@@ -28,16 +30,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tower_service::Service;
 use herald_core::acl::{Acl, AclError};
 use herald_core::bus::{Bus, MemoryBus, MemoryPresence, Presence};
+use herald_core::history::MemoryHistory;
 use herald_core::hub::Hub;
 use herald_core::store::{MemoryStore, Retention, Store};
 use herald_proto::close;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_service::Service;
 
 use crate::auth::{AuthSetupError, JwtAuthenticator};
 use crate::config::{BusBackend, Config, StoreBackend};
@@ -70,7 +73,10 @@ fn build_bus(config: &Config, node_id: &str) -> Result<Arc<dyn Bus>, ServerError
         BusBackend::Memory => Ok(Arc::new(MemoryBus::new(node_id))),
         other => Err(ServerError::Backend {
             setting: "bus.url",
-            message: format!("bus {:?} is not available in this build (supported: memory)", other.name()),
+            message: format!(
+                "bus {:?} is not available in this build (supported: memory)",
+                other.name()
+            ),
         }),
     }
 }
@@ -85,7 +91,10 @@ fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
         StoreBackend::Memory => Ok(Arc::new(MemoryStore::new(Retention::default()))),
         other => Err(ServerError::Backend {
             setting: "store.url",
-            message: format!("store {:?} is not available in this build (supported: memory)", other.name()),
+            message: format!(
+                "store {:?} is not available in this build (supported: memory)",
+                other.name()
+            ),
         }),
     }
 }
@@ -105,6 +114,7 @@ pub async fn run(
     let bus = build_bus(&config, &node_id)?;
     let store = build_store(&config)?;
     let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
+    let history = Arc::new(MemoryHistory::new());
     let metrics = metrics::Metrics::new();
     bus.attach(Arc::new(Router {
         hub: hub.clone(),
@@ -121,6 +131,8 @@ pub async fn run(
         bus,
         presence,
         store,
+        history: history.clone(),
+        order: publish::OrderLocks::default(),
         auth,
         acl,
         metrics,
@@ -136,7 +148,10 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => state.limiters.housekeep(),
+                    _ = tick.tick() => {
+                        state.limiters.housekeep();
+                        history.sweep();
+                    }
                     _ = state.shutdown.cancelled() => break,
                 }
             }
@@ -145,7 +160,11 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node_id = %state.node_id, "serving");
-    let http = tokio::spawn(serve_http(listener, api::router(state.clone()), state.clone()));
+    let http = tokio::spawn(serve_http(
+        listener,
+        api::router(state.clone()),
+        state.clone(),
+    ));
 
     shutdown.cancelled().await;
     drain(&state).await;
@@ -163,7 +182,9 @@ pub async fn run(
 /// once) and waits for them up to `write_timeout`.
 async fn serve_http(listener: TcpListener, app: axum::Router, state: Arc<AppState>) {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(state.config.limits.handshake_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.limits.handshake_timeout);
     let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -181,12 +202,15 @@ async fn serve_http(listener: TcpListener, app: axum::Router, state: Arc<AppStat
         // Latency matters more than packet count; writes are already coalesced per batch.
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let mut app = app.clone();
-            async move { app.call(req.map(axum::body::Body::new)).await }
-        });
-        let conn = builder.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let mut app = app.clone();
+                async move { app.call(req.map(axum::body::Body::new)).await }
+            });
+        let conn = builder
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
         let shutdown = state.shutdown.clone();
         connections.spawn(async move {
             let mut conn = std::pin::pin!(conn);
@@ -210,7 +234,10 @@ async fn serve_http(listener: TcpListener, app: axum::Router, state: Arc<AppStat
     drop(listener);
     connections.close();
     let limit = state.config.limits.write_timeout;
-    if tokio::time::timeout(limit, connections.wait()).await.is_err() {
+    if tokio::time::timeout(limit, connections.wait())
+        .await
+        .is_err()
+    {
         tracing::debug!("some http connections were still open at shutdown");
     }
 }

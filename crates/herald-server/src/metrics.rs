@@ -63,7 +63,7 @@ pub struct Metrics {
     pub received_client: Counter,
     pub sent: Counter,
     pub dropped_queue_full: Counter,
-        /// Messages discarded with the queue of a connection closed as a slow consumer.
+    /// Messages discarded with the queue of a connection closed as a slow consumer.
     pub dropped_slow_consumer: Counter,
     /// Connections closed as slow consumers (queue persistently full, or socket blocked).
     pub slow_consumers: Counter,
@@ -85,7 +85,7 @@ impl Metrics {
             sent: counter!("herald_messages_sent_total"),
             dropped_queue_full: counter!("herald_messages_dropped_total", "reason" => "queue_full"),
             dropped_slow_consumer: counter!("herald_messages_dropped_total", "reason" => "slow_consumer"),
-                        slow_consumers: counter!("herald_slow_consumers_total"),
+            slow_consumers: counter!("herald_slow_consumers_total"),
             publish_to_write: histogram!("herald_publish_to_write_seconds"),
         }
     }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use herald_core::acl::Acl;
 use herald_core::bus::{Bus, BusSink, ControlEvent, NodeEvent, Presence};
+use herald_core::history::History;
 use herald_core::hub::Hub;
 use herald_core::message::Message;
 use herald_core::store::Store;
@@ -17,6 +18,7 @@ use crate::auth::{JwtAuthenticator, Revocation};
 use crate::config::Config;
 use crate::limits::Limiters;
 use crate::metrics::Metrics;
+use crate::publish::OrderLocks;
 
 /// Everything a connection task or an API handler needs. Shared as `Arc<AppState>`.
 pub struct AppState {
@@ -26,6 +28,9 @@ pub struct AppState {
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn Presence>,
     pub store: Arc<dyn Store>,
+    pub history: Arc<dyn History>,
+    /// Per-topic ordering of publishes and history resumes.
+    pub order: OrderLocks,
     pub auth: Arc<JwtAuthenticator>,
     pub acl: Acl,
     pub metrics: Metrics,
@@ -55,7 +60,7 @@ pub struct Router {
 
 impl BusSink for Router {
     fn on_message(&self, msg: Arc<Message>) {
-                // A durable message is an inbox message: every connection of its user gets it,
+        // A durable message is an inbox message: every connection of its user gets it,
         // whatever topics that connection subscribed to.
         let d = match msg.topic.inbox_owner().filter(|_| msg.durable) {
             Some(user) => self.hub.deliver_to_user(user, &msg),
@@ -65,8 +70,10 @@ impl BusSink for Router {
             self.metrics.dropped_queue_full.increment(d.dropped as u64);
         }
         if d.slow_closed > 0 {
-                        self.metrics.slow_consumers.increment(d.slow_closed as u64);
-            self.metrics.dropped_slow_consumer.increment(d.discarded as u64);
+            self.metrics.slow_consumers.increment(d.slow_closed as u64);
+            self.metrics
+                .dropped_slow_consumer
+                .increment(d.discarded as u64);
         }
         if let Some(trace_id) = msg.trace_id.as_deref() {
             tracing::debug!(trace_id, topic = %msg.topic, id = %msg.id, queued = d.queued, dropped = d.dropped, "fanout");

@@ -35,9 +35,10 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use herald_core::acl::Action;
 use herald_core::error::{Error, Origin};
+use herald_core::history::Recovery;
 use herald_core::hub::{ConnHandle, Session, SubscribeOutcome};
 use herald_core::identity::{Authenticated, Authenticator, Identity};
-use herald_core::message::{Message, MessageBuilder, now_secs};
+use herald_core::message::{MessageBuilder, now_secs};
 use herald_core::queue::{CloseRequest, ConnQueue, Outgoing};
 use herald_core::topic::Topic;
 use herald_proto::close;
@@ -51,6 +52,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
 
 use crate::api::json_error;
+use crate::publish::{PublishRequest, publish};
 use crate::state::AppState;
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -251,9 +253,15 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
                 .await;
                 return None;
             }
-                        Ok(Some(Err(tungstenite::Error::Capacity(_)))) => {
+            Ok(Some(Err(tungstenite::Error::Capacity(_)))) => {
                 state.metrics.error("too_large");
-                send_close(ws, close::TOO_LARGE, "frame too large", limits.write_timeout).await;
+                send_close(
+                    ws,
+                    close::TOO_LARGE,
+                    "frame too large",
+                    limits.write_timeout,
+                )
+                .await;
                 return None;
             }
             Ok(None) | Ok(Some(Err(_))) => return None,
@@ -398,10 +406,11 @@ async fn run_connection(
     tracing::debug!(%peer, conn_id, user = %user, "connected");
 
     // Replay the durable inbox: everything not yet acked, oldest first.
-        // At most one queue's worth per connect, so a large backlog can never make the replay
+    // At most one queue's worth per connect, so a large backlog can never make the replay
     // itself close the connection as a slow consumer; the rest follows on the next connect.
     let replay_limit = REPLAY_LIMIT.min(limits.send_queue);
-    match state.store.undelivered(&user, replay_limit).await {Ok(records) => {
+    match state.store.undelivered(&user, replay_limit).await {
+        Ok(records) => {
             for r in records {
                 let Ok(topic) = Topic::parse(&r.topic) else {
                     continue;
@@ -637,7 +646,7 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
     };
     let id = req.id.as_ref();
     let result = match req.frame {
-        ClientFrame::Subscribe(s) => return subscribe(state, ctx, id, s),
+        ClientFrame::Subscribe(s) => return subscribe(state, ctx, id, s).await,
         ClientFrame::Unsubscribe { topics } => {
             // The inbox is what durable delivery relies on: it cannot be left.
             let inbox = Topic::user(&ctx.conn.user).ok();
@@ -656,7 +665,10 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
             }
         }
         ClientFrame::JoinRoom { room } => match Topic::room(&room) {
-            Ok(t) => return subscribe_topics(state, ctx, id, vec![t.as_str().to_owned()], None),
+            Ok(t) => {
+                return subscribe_topics(state, ctx, id, vec![t.as_str().to_owned()], None, true)
+                    .await;
+            }
             Err(e) => Err(Error::Topic(e)),
         },
         ClientFrame::LeaveRoom { room } => match Topic::room(&room) {
@@ -700,17 +712,20 @@ fn obj(v: Value) -> Map<String, Value> {
     }
 }
 
-fn subscribe(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, s: Subscribe) -> Flow {
-    subscribe_topics(state, ctx, id, s.topics, s.since)
+async fn subscribe(state: &Arc<AppState>, ctx: &mut Ctx, id: Option<&Value>, s: Subscribe) -> Flow {
+    subscribe_topics(state, ctx, id, s.topics, s.since, s.snapshot).await
 }
 
-/// Subscribe to each topic (ACL, limits), answering one reply for the request.
-fn subscribe_topics(
+/// Subscribe to each topic (ACL, limits, history, retained), answering one reply for the
+/// request: for one topic its own fields; for a batch, code 0 when all succeeded (else the
+/// first failing code) and per-topic `results` in order.
+async fn subscribe_topics(
     state: &Arc<AppState>,
     ctx: &mut Ctx,
     id: Option<&Value>,
     topics: Vec<String>,
     since: Option<u64>,
+    snapshot: bool,
 ) -> Flow {
     if !state.limiters.subscribe(&ctx.conn.user) {
         return reject(
@@ -721,20 +736,13 @@ fn subscribe_topics(
         );
     }
     let limit = state.config.limits.max_subscriptions_per_connection + 2;
-    let mut results: Vec<Result<Topic, Error>> = Vec::with_capacity(topics.len());
+    let mut results = Vec::with_capacity(topics.len());
     for raw in &topics {
-        results.push(subscribe_one(state, ctx, raw, limit));
+        results.push(subscribe_one(state, ctx, raw, limit, since, snapshot).await);
     }
-    let single = topics.len() == 1;
-    if single {
+    if topics.len() == 1 {
         return match results.pop() {
-            Some(Ok(topic)) => {
-                let mut extra = Map::new();
-                extra.insert("topic".into(), Value::String(topic.as_str().to_owned()));
-                if since.is_some() {
-                    // No history is kept for this topic: a gap can never be filled.
-                    extra.insert("recovered".into(), Value::Bool(false));
-                }
+            Some(Ok(extra)) => {
                 reply_ok(ctx, id, Some(&extra));
                 Flow::Continue
             }
@@ -742,17 +750,19 @@ fn subscribe_topics(
             None => Flow::Continue,
         };
     }
-    // Batch: one reply, code 0 when all succeeded, else the first failing code; per-topic
-    // results in order.
     let mut list = Vec::with_capacity(results.len());
     let mut first: Option<(u16, String)> = None;
     let mut flow = Flow::Continue;
-    for (raw, r) in topics.iter().zip(&results) {
+    for (raw, r) in topics.iter().zip(results) {
         match r {
-            Ok(_) => list.push(json!({ "topic": raw, "code": 0, "message": "ok" })),
+            Ok(mut extra) => {
+                extra.insert("code".into(), json!(0));
+                extra.insert("message".into(), json!("ok"));
+                list.push(Value::Object(extra));
+            }
             Err(e) => {
                 state.metrics.error(e.kind());
-                if let Flow::Close(c, m) = count_abuse(state, ctx, e) {
+                if let Flow::Close(c, m) = count_abuse(state, ctx, &e) {
                     flow = Flow::Close(c, m);
                 }
                 first.get_or_insert_with(|| (e.code(), e.to_string()));
@@ -762,9 +772,6 @@ fn subscribe_topics(
     }
     let mut extra = Map::new();
     extra.insert("results".into(), Value::Array(list));
-    if since.is_some() {
-        extra.insert("recovered".into(), Value::Bool(false));
-    }
     let (code, message) = first.unwrap_or((0, "ok".to_owned()));
     match id {
         Some(id) => {
@@ -782,15 +789,69 @@ fn subscribe_topics(
     flow
 }
 
-fn subscribe_one(state: &AppState, ctx: &Ctx, raw: &str, limit: usize) -> Result<Topic, Error> {
+/// One topic of a subscribe. Under the topic's ordering lock (when it has history or a
+/// retained value, or `since` is given): subscribe in the hub, then queue the missed history
+/// (or the retained value), so that live messages can only follow them.
+async fn subscribe_one(
+    state: &AppState,
+    ctx: &Ctx,
+    raw: &str,
+    limit: usize,
+    since: Option<u64>,
+    snapshot: bool,
+) -> Result<Map<String, Value>, Error> {
     let topic = Topic::parse(raw)?;
     if !state.acl.allows(Action::Subscribe, &topic, &ctx.identity) {
         return Err(Error::Forbidden(topic.as_str().to_owned()));
     }
-    match state.hub.subscribe(&ctx.conn, &topic, limit) {
-        SubscribeOutcome::Added | SubscribeOutcome::AlreadySubscribed => Ok(topic),
-        SubscribeOutcome::LimitReached => Err(Error::TooManySubscriptions(limit - 2)),
+    let options = state.acl.options(&topic);
+    let ordered = since.is_some() || options.history.is_some() || options.retain;
+    let _guard = if ordered {
+        Some(state.order.lock(topic.as_str()).await)
+    } else {
+        None
+    };
+    if state.hub.subscribe(&ctx.conn, &topic, limit) == SubscribeOutcome::LimitReached {
+        return Err(Error::TooManySubscriptions(limit - 2));
     }
+    let mut extra = Map::new();
+    extra.insert("topic".into(), Value::String(topic.as_str().to_owned()));
+    let history_err = |e: herald_core::history::HistoryError| Error::Internal(e.to_string());
+    match since {
+        Some(since) => {
+            let (latest, recovered) = match state
+                .history
+                .since(&topic, since)
+                .await
+                .map_err(history_err)?
+            {
+                Recovery::Complete { messages, latest } => {
+                    for m in messages {
+                        ctx.conn.queue.push_message(m);
+                    }
+                    (latest, true)
+                }
+                Recovery::Gap { latest } => (latest, false),
+            };
+            // Without history on this topic nothing was kept: only `since` = current is whole.
+            let recovered = recovered && (options.history.is_some() || since == latest);
+            extra.insert("seq".into(), json!(latest));
+            extra.insert("recovered".into(), Value::Bool(recovered));
+        }
+        None => {
+            if options.history.is_some() {
+                let latest = state.history.latest(&topic).await.map_err(history_err)?;
+                extra.insert("seq".into(), json!(latest));
+            }
+            if options.retain
+                && snapshot
+                && let Some(m) = state.history.retained(&topic).await.map_err(history_err)?
+            {
+                ctx.conn.queue.push_frame(m.json_frame_retained());
+            }
+        }
+    }
+    Ok(extra)
 }
 
 async fn client_publish(
@@ -803,18 +864,24 @@ async fn client_publish(
     if !state.limiters.client_publish(&ctx.conn.user) {
         return Err(Error::RateLimited("too many client publishes"));
     }
-    let topic = Topic::parse(&topic)?;
-    if !state.acl.allows(Action::Publish, &topic, &ctx.identity) {
-        return Err(Error::Forbidden(topic.as_str().to_owned()));
+    let parsed = Topic::parse(&topic)?;
+    if !state.acl.allows(Action::Publish, &parsed, &ctx.identity) {
+        return Err(Error::Forbidden(parsed.as_str().to_owned()));
     }
-        crate::api::check_token("event", &event)?;
-    let mut b = MessageBuilder::new(topic, event, data);
-    b.from = Some(ctx.conn.user.to_string());
-    let msg: Arc<Message> = Arc::new(b.build());
-    state.metrics.received_client.increment(1);
-    let id = msg.id.to_string();
-    state.bus.publish(msg).await?;
-    Ok(Some(obj(json!({ "message_id": id }))))
+    let req = PublishRequest {
+        topic,
+        event: Some(event),
+        data: Some(data),
+        durable: Some(false),
+        ..PublishRequest::default()
+    };
+    let p = publish(state, req, Some(&ctx.conn.user)).await?;
+    let mut extra = Map::new();
+    extra.insert("message_id".into(), Value::String(p.id));
+    if let Some(seq) = p.seq {
+        extra.insert("seq".into(), json!(seq));
+    }
+    Ok(Some(extra))
 }
 
 /// `auth` after connecting: a refresh for the same user extends the session.

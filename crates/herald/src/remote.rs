@@ -8,6 +8,13 @@ use herald_client::{Client, ClientError, Event, PublishRequest, Publisher};
 use herald_server::config::parse_duration;
 use serde_json::{Value, json};
 
+/// `eprintln!` without the panic when stderr is gone.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(clap::Args)]
 pub struct PublishArgs {
     /// Base URL of the server.
@@ -86,7 +93,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
     if !reply.is_ok() {
         bail!("subscribe refused: {} {}", reply.code, reply.message);
     }
-    eprintln!(
+    note!(
         "subscribed to {} as {}",
         topics.join(", "),
         client.welcome().user_id
@@ -115,21 +122,21 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
                     match client.ack(std::slice::from_ref(&msg.id)).await {
                         Ok(reply) if reply.is_ok() => {}
                         Ok(reply) => {
-                            eprintln!("ack {} refused: {} {}", msg.id, reply.code, reply.message);
+                            note!("ack {} refused: {} {}", msg.id, reply.code, reply.message);
                         }
                         Err(e) => return Err(e).context("ack failed"),
                     }
                 }
             }
-            Ok(Event::Error { code, message }) => eprintln!("server error {code}: {message}"),
+            Ok(Event::Error { code, message }) => note!("server error {code}: {message}"),
             Ok(Event::Reconnect { reason, after_ms }) => {
-                eprintln!("server asks to reconnect after {after_ms} ms: {reason}");
+                note!("server asks to reconnect after {after_ms} ms: {reason}");
             }
             Ok(Event::Closed { code, reason }) => return Ok(closed(code, &reason)),
             Ok(Event::Pong | Event::CommandReply(_) | Event::Other(_)) => {}
             // Idle is fine; the server's heartbeat keeps the connection alive.
             Err(ClientError::Timeout) => {}
-            Err(ClientError::Protocol(e)) => eprintln!("unreadable frame: {e}"),
+            Err(ClientError::Protocol(e)) => note!("unreadable frame: {e}"),
             Err(ClientError::ClosedWith { code, reason }) => {
                 return Ok(closed(Some(code), &reason));
             }
@@ -141,8 +148,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
 
 fn closed(code: Option<u16>, reason: &str) -> ExitCode {
     match code {
-        Some(code) => eprintln!("connection closed: {code} {reason}"),
-        None => eprintln!("connection closed without a close code"),
+        Some(code) => note!("connection closed: {code} {reason}"),
+        None => note!("connection closed without a close code"),
     }
     match code {
         Some(1000 | 1001) => ExitCode::SUCCESS,

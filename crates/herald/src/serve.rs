@@ -122,6 +122,9 @@ fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // Its default reports a failed write with `eprintln!`, which panics when stderr is a
+        // closed pipe and would take the server down with it.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let installed = match log.format {
         LogFormat::Text => builder.try_init(),

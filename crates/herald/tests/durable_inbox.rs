@@ -63,7 +63,9 @@ async fn a_backlog_larger_than_the_queue_is_replayed_in_turns() {
             seen.push(m["data"]["i"].as_i64().expect("i"));
         }
         let id = ws.next_id();
-        let r = ws.request(json!({"type": "ack", "id": id, "ids": ids})).await;
+        let r = ws
+            .request(json!({"type": "ack", "id": id, "ids": ids}))
+            .await;
         assert_eq!(r["code"], 0, "{r}");
         ws.assert_alive().await;
     }
@@ -75,13 +77,32 @@ async fn a_duplicate_id_is_flagged_and_delivered_once() {
     let server = Server::start("").await;
     let mut ws = server.connect_user("erin").await;
     let body = json!({"event": "n", "data": {}, "id": "order-77"});
-    let (s, first) = server.api_post("/api/v1/users/erin/messages", &server.publish_key, &body).await;
-    assert_eq!((s, first["status"].as_str()), (200, Some("pending")), "{first}");
-    let (s, second) = server.api_post("/api/v1/users/erin/messages", &server.publish_key, &body).await;
-    assert_eq!((s, second["status"].as_str()), (200, Some("duplicate")), "{second}");
-    let publish = json!({"topic": "user/erin", "event": "n", "data": {}, "id": "order-77", "durable": true});
-    let (s, third) = server.api_post("/api/v1/publish", &server.publish_key, &publish).await;
-    assert_eq!((s, third["status"].as_str()), (200, Some("duplicate")), "{third}");
+    let (s, first) = server
+        .api_post("/api/v1/users/erin/messages", &server.publish_key, &body)
+        .await;
+    assert_eq!(
+        (s, first["status"].as_str()),
+        (200, Some("pending")),
+        "{first}"
+    );
+    let (s, second) = server
+        .api_post("/api/v1/users/erin/messages", &server.publish_key, &body)
+        .await;
+    assert_eq!(
+        (s, second["status"].as_str()),
+        (200, Some("duplicate")),
+        "{second}"
+    );
+    let publish =
+        json!({"topic": "user/erin", "event": "n", "data": {}, "id": "order-77", "durable": true});
+    let (s, third) = server
+        .api_post("/api/v1/publish", &server.publish_key, &publish)
+        .await;
+    assert_eq!(
+        (s, third["status"].as_str()),
+        (200, Some("duplicate")),
+        "{third}"
+    );
     let m = ws.recv_message("user/erin").await;
     assert_eq!(m["id"], "order-77");
     ws.expect_no_message(QUIET).await;
@@ -93,7 +114,11 @@ async fn every_api_error_is_json() {
     // Wrong method, bad query string, unknown path.
     let client = reqwest::Client::new();
     let base = server.http_url();
-    let r = client.delete(format!("{base}/api/v1/publish")).send().await.expect("send");
+    let r = client
+        .delete(format!("{base}/api/v1/publish"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status().as_u16(), 405);
     let v: serde_json::Value = r.json().await.expect("405 body is JSON");
     assert_eq!(v["code"], 405);
@@ -107,7 +132,11 @@ async fn every_api_error_is_json() {
     let v: serde_json::Value = r.json().await.expect("400 body is JSON");
     assert_eq!(v["code"], 400);
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    let r = client.get(format!("{base}/nope")).send().await.expect("send");
+    let r = client
+        .get(format!("{base}/nope"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status().as_u16(), 404);
     let v: serde_json::Value = r.json().await.expect("404 body is JSON");
     assert_eq!(v["code"], 404);

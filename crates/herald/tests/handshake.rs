@@ -22,7 +22,10 @@ handshake_timeout = "500ms"
     // One socket sends nothing, one sends half a request line and stops (slowloris).
     let mut silent = TcpStream::connect(server.addr).await.expect("connect");
     let mut partial = TcpStream::connect(server.addr).await.expect("connect");
-    partial.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    partial
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
     let started = Instant::now();
     for sock in [&mut silent, &mut partial] {
         let mut buf = [0u8; 1024];
@@ -37,7 +40,10 @@ handshake_timeout = "500ms"
         }
     }
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(400), "closed after {took:?}, before the timeout");
+    assert!(
+        took >= Duration::from_millis(400),
+        "closed after {took:?}, before the timeout"
+    );
 
     // Everyone else is unaffected.
     let (status, _) = server.get("/healthz").await;

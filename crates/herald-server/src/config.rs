@@ -111,14 +111,28 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `memory`, `sqlite://…`, `postgres://…` or `mysql://…` (this build: `memory` only).
+    /// `memory`, `sqlite://…`, `postgres://…` or `mysql://…`.
     pub url: String,
+    /// An unacked durable message is sent again after this long…
+    #[serde(with = "herald_core::duration::serde_duration")]
+    pub retry_after: Duration,
+    /// …at most this many times; then it is marked `failed` (kept, replayed on connect).
+    pub max_retries: u32,
+    /// Inbox messages kept per user (the oldest are deleted first).
+    pub max_per_user: usize,
+    /// Inbox messages older than this are deleted.
+    #[serde(with = "herald_core::duration::serde_duration")]
+    pub max_age: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: "memory".to_owned(),
+            retry_after: Duration::from_secs(5),
+            max_retries: 3,
+            max_per_user: 1000,
+            max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -387,6 +401,20 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.server.validate()?;
         check_backend("store.url", self.store.backend()?)?;
+        check_duration(
+            "store.retry_after",
+            self.store.retry_after,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        check_range("store.max_retries", self.store.max_retries, 0, 100)?;
+        check_range("store.max_per_user", self.store.max_per_user, 1, 1_000_000)?;
+        check_duration(
+            "store.max_age",
+            self.store.max_age,
+            Duration::from_secs(60),
+            Duration::from_secs(365 * 24 * 3600),
+        )?;
         check_backend("bus.url", self.bus.backend()?)?;
         self.limits.validate()?;
         self.log.validate()?;
@@ -1583,7 +1611,13 @@ mod tests {
 
     #[test]
     fn backends() {
-        let store = |url: &str| StoreConfig { url: url.into() }.backend();
+        let store = |url: &str| {
+            StoreConfig {
+                url: url.into(),
+                ..StoreConfig::default()
+            }
+            .backend()
+        };
         assert_eq!(store("memory").unwrap(), StoreBackend::Memory);
         assert_eq!(
             store("sqlite://data/herald.db").unwrap(),

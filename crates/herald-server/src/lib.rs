@@ -8,6 +8,7 @@
 //! - [`api`]: the HTTP server API, health, metrics and the demo page.
 //! - [`publish`]: the one publish path (store, history, retained, ordering, bus).
 //! - [`state`]: the shared node state and the router applying bus deliveries to the hub.
+//! - [`inbox`]: retransmission of unacked durable messages.
 //! - [`limits`]: rate limiters.
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod inbox;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -81,6 +83,14 @@ fn build_bus(config: &Config, node_id: &str) -> Result<Arc<dyn Bus>, ServerError
     }
 }
 
+/// The inbox retention configured in `[store]`.
+fn retention(config: &Config) -> Retention {
+    Retention {
+        max_per_user: config.store.max_per_user,
+        max_age: config.store.max_age,
+    }
+}
+
 /// The store named by `store.url`.
 fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     let backend = config.store.backend().map_err(|e| ServerError::Backend {
@@ -88,7 +98,7 @@ fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
         message: e.to_string(),
     })?;
     match backend {
-        StoreBackend::Memory => Ok(Arc::new(MemoryStore::new(Retention::default()))),
+        StoreBackend::Memory => Ok(Arc::new(MemoryStore::new(retention(config)))),
         other => Err(ServerError::Backend {
             setting: "store.url",
             message: format!(
@@ -123,7 +133,9 @@ pub async fn run(
     }));
     hub.set_interest(bus.clone());
 
+    let inbox = inbox::Inbox::new(config.store.retry_after, config.store.max_retries);
     let state = Arc::new(AppState {
+        inbox,
         limiters: limits::Limiters::new(&config.limits),
         config,
         node_id,
@@ -133,6 +145,7 @@ pub async fn run(
         store,
         history: history.clone(),
         order: publish::OrderLocks::default(),
+
         auth,
         acl,
         metrics,
@@ -145,13 +158,24 @@ pub async fn run(
     let housekeeping = {
         let state = state.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut minute = tokio::time::interval(Duration::from_secs(60));
+            // Retransmission timers are checked a few times per retry interval.
+            let mut retransmit = tokio::time::interval(
+                (state.config.store.retry_after / 4).max(Duration::from_millis(50)),
+            );
+            let retention = retention(&state.config);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {
+                    _ = minute.tick() => {
                         state.limiters.housekeep();
                         history.sweep();
+                        match state.store.purge(retention).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(deleted = n, "inbox purge"),
+                            Err(e) => tracing::warn!(error = %e, "inbox purge failed"),
+                        }
                     }
+                    _ = retransmit.tick() => state.inbox.tick(&state.hub, state.store.as_ref()).await,
                     _ = state.shutdown.cancelled() => break,
                 }
             }

@@ -31,6 +31,8 @@ pub struct AppState {
     pub history: Arc<dyn History>,
     /// Per-topic ordering of publishes and history resumes.
     pub order: OrderLocks,
+    /// Unacked durable messages this node wrote, for retransmission.
+    pub inbox: crate::inbox::Inbox,
     pub auth: Arc<JwtAuthenticator>,
     pub acl: Acl,
     pub metrics: Metrics,

@@ -556,6 +556,7 @@ async fn write_batch(
                 oldest = Some(oldest.map_or(m.received_at, |o| o.min(m.received_at)));
                 if m.durable {
                     durable_ids.push(m.id.to_string());
+                    state.inbox.written(&conn.user, &m);
                 }
                 m.json_frame().clone()
             }
@@ -681,10 +682,13 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
         ClientFrame::Publish { topic, event, data } => {
             client_publish(state, ctx, topic, event, data).await
         }
-        ClientFrame::Ack { ids } => match state.store.ack(&ctx.conn.user, &ids).await {
-            Ok(n) => Ok(Some(obj(json!({ "acked": n })))),
-            Err(e) => Err(Error::Store(e)),
-        },
+        ClientFrame::Ack { ids } => {
+            state.inbox.acked(&ctx.conn.user, &ids);
+            match state.store.ack(&ctx.conn.user, &ids).await {
+                Ok(n) => Ok(Some(obj(json!({ "acked": n })))),
+                Err(e) => Err(Error::Store(e)),
+            }
+        }
         ClientFrame::Auth { token } => refresh(state, ctx, &token),
         ClientFrame::Command { command, .. } => {
             Err(Error::NotFound(format!("unknown command: {command}")))

@@ -32,7 +32,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use herald_core::acl::Action;
 use herald_core::error::{Error, Origin};
 use herald_core::history::Recovery;
@@ -488,6 +488,10 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
                     WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Flow::Continue,
                 };
                 if let Flow::Close(code, reason) = flow {
+                    // The replies already queued (e.g. the errors that led here) go out first.
+                    if conn.queue.drain(&mut batch, usize::MAX).now_or_never().is_some() && !batch.is_empty() {
+                        let _ = timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch)).await;
+                    }
                     send_close(ws, code, &reason, limits.write_timeout).await;
                     return if code == close::POLICY { "policy" } else { "server" };
                 }

@@ -107,6 +107,9 @@ impl Default for ServerConfig {
     }
 }
 
+/// The embedded default store: an SQLite file under `data/` (relative to the working directory).
+pub const DEFAULT_STORE_URL: &str = "sqlite://data/herald.db";
+
 /// `[store]`: where durable inboxes live.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -128,7 +131,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            url: "memory".to_owned(),
+            url: DEFAULT_STORE_URL.to_owned(),
             retry_after: Duration::from_secs(5),
             max_retries: 3,
             max_per_user: 1000,
@@ -189,7 +192,8 @@ impl StoreBackend {
 
     /// Whether this build can run it.
     pub fn is_available(self) -> bool {
-        matches!(self, Self::Memory)
+        // Every store backend is compiled in (herald-store-sql).
+        true
     }
 }
 
@@ -1234,7 +1238,7 @@ mod tests {
         assert!(c.server.allowed_origins.is_empty());
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.server.drain_spread, Duration::from_secs(2));
-        assert_eq!(c.store.url, "memory");
+        assert_eq!(c.store.url, "sqlite://data/herald.db");
         assert_eq!(c.bus.url, "memory");
         let l = &c.limits;
         assert_eq!(l.max_message_size, 512 * 1024);

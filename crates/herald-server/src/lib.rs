@@ -91,21 +91,23 @@ fn retention(config: &Config) -> Retention {
     }
 }
 
-/// The store named by `store.url`.
-fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+/// The store named by `store.url`: memory, or SQLite / PostgreSQL / MySQL (schema migrated at
+/// start-up). Fails fast with the cause; never falls back to another backend.
+async fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     let backend = config.store.backend().map_err(|e| ServerError::Backend {
         setting: "store.url",
         message: e.to_string(),
     })?;
     match backend {
         StoreBackend::Memory => Ok(Arc::new(MemoryStore::new(retention(config)))),
-        other => Err(ServerError::Backend {
-            setting: "store.url",
-            message: format!(
-                "store {:?} is not available in this build (supported: memory)",
-                other.name()
-            ),
-        }),
+        StoreBackend::Sqlite | StoreBackend::Postgres | StoreBackend::Mysql => {
+            herald_store_sql::connect(&config.store.url)
+                .await
+                .map_err(|e| ServerError::Backend {
+                    setting: "store.url",
+                    message: e.to_string(),
+                })
+        }
     }
 }
 
@@ -122,7 +124,7 @@ pub async fn run(
     let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
     let hub = Arc::new(Hub::new());
     let bus = build_bus(&config, &node_id)?;
-    let store = build_store(&config)?;
+    let store = build_store(&config).await?;
     let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
     let history = Arc::new(MemoryHistory::new());
     let metrics = metrics::Metrics::new();

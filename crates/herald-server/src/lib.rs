@@ -101,7 +101,11 @@ async fn build_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
     match backend {
         StoreBackend::Memory => Ok(Arc::new(MemoryStore::new(retention(config)))),
         StoreBackend::Sqlite | StoreBackend::Postgres | StoreBackend::Mysql => {
-            herald_store_sql::connect(&config.store.url)
+            let options = herald_store_sql::Options {
+                retention: retention(config),
+                ..Default::default()
+            };
+            herald_store_sql::connect_with(&config.store.url, options)
                 .await
                 .map_err(|e| ServerError::Backend {
                     setting: "store.url",

@@ -421,45 +421,46 @@ pub(crate) async fn migrate(pool: &Pool) -> Result<i32, MigrateError> {
 
 // --- the batched insert -------------------------------------------------------------------
 
-/// Why a batch was not written. The transaction was rolled back in every case.
-#[derive(Debug)]
-pub(crate) enum WriteError {
-    Sql(sqlx::Error),
-    /// MySQL: another writer inserted some of the batch's ids between our check and our
-    /// insert, and `INSERT IGNORE` does not say which; written again one by one.
-    Ambiguous,
+/// What a failed batch says about what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Deadlock or serialization failure with another writer: the same batch again.
+    Conflict,
+    /// The database refused something in the batch: split it to find the record.
+    Record,
+    /// Unreachable, shutting down, or waiting on a lock past its timeout: give up now.
+    Unavailable,
 }
 
-impl From<sqlx::Error> for WriteError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Sql(e)
-    }
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Sql(e) => e.fmt(f),
-            Self::Ambiguous => f.write_str("concurrent insert of the same ids"),
-        }
-    }
-}
-
-impl WriteError {
-    /// Whether the database refused something in the batch (a record, a deadlock, a race)
-    /// rather than being unreachable: then writing the records one by one isolates the cause.
-    pub(crate) fn is_per_record(&self) -> bool {
-        match self {
-            Self::Ambiguous => true,
-            Self::Sql(sqlx::Error::Database(db)) => {
-                // SQLSTATE classes 08 (connection exception) and 57 (operator intervention,
-                // e.g. the server shutting down) say the database is going away.
-                let code = db.code();
-                !matches!(code.as_deref(), Some(c) if c.starts_with("08") || c.starts_with("57"))
+/// Classifies an error of [`insert_batch`] (the transaction was rolled back in every case).
+pub(crate) fn classify(backend: Backend, e: &sqlx::Error) -> Failure {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match backend {
+                // Extended result codes; the primary code is the low byte. BUSY and LOCKED
+                // mean the busy timeout passed with the file still locked.
+                Backend::Sqlite => match code.parse::<u32>().map(|c| c & 0xff) {
+                    Ok(5 | 6) => Failure::Unavailable,
+                    _ => Failure::Record,
+                },
+                // SQLSTATE: 40001 serialization failure (MySQL: deadlock 1213), 40P01 deadlock;
+                // class 08 connection exception, 57 operator intervention (shutdown), 53
+                // insufficient resources, 55P03 lock not available. MySQL's lock wait timeout
+                // (1205) has the generic HY000 and is told by its message.
+                Backend::Postgres | Backend::MySql => match code.as_ref() {
+                    "40001" | "40P01" => Failure::Conflict,
+                    "55P03" => Failure::Unavailable,
+                    c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") => {
+                        Failure::Unavailable
+                    }
+                    _ if db.message().contains("Lock wait timeout") => Failure::Unavailable,
+                    _ => Failure::Record,
+                },
             }
-            Self::Sql(sqlx::Error::Encode(_)) => true,
-            Self::Sql(_) => false,
         }
+        sqlx::Error::Encode(_) => Failure::Record,
+        _ => Failure::Unavailable,
     }
 }
 
@@ -513,8 +514,8 @@ macro_rules! push_insert {
 }
 
 /// Writes `recs` (distinct ids) in one transaction, skipping ids that exist; says for each
-/// whether it was new. Returns only after COMMIT.
-pub(crate) async fn insert_batch(pool: &Pool, recs: &[InboxRecord]) -> Result<Vec<bool>, WriteError> {
+/// whether it was new. Returns only after COMMIT; on error everything was rolled back.
+pub(crate) async fn insert_batch(pool: &Pool, recs: &[InboxRecord]) -> Result<Vec<bool>, sqlx::Error> {
     if recs.is_empty() {
         return Ok(Vec::new());
     }
@@ -556,11 +557,14 @@ pub(crate) async fn insert_batch(pool: &Pool, recs: &[InboxRecord]) -> Result<Ve
             Ok(recs.iter().map(|r| new.contains(&r.id)).collect())
         }
         // MySQL has no RETURNING: select the ids that exist, insert the others with INSERT
-        // IGNORE, and trust the affected-row count only when it settles the question (all or
-        // none inserted). Anything in between means a concurrent writer: roll back, and the
-        // writer retries one record per transaction, where the count is always exact.
+        // IGNORE, and trust the affected-row count when it settles the question (all or none
+        // inserted). Anything in between means another writer inserted some of these ids
+        // since we looked: back to a savepoint, and one statement per row, where the count is
+        // exact. Still one transaction, one commit.
         #[cfg(feature = "mysql")]
         Pool::MySql(p) => {
+            use sqlx::Connection as _;
+
             let mut tx = p.begin().await?;
             let mut new: HashSet<&str> = HashSet::with_capacity(recs.len());
             for range in statements(recs) {
@@ -585,18 +589,29 @@ pub(crate) async fn insert_batch(pool: &Pool, recs: &[InboxRecord]) -> Result<Ve
                 if fresh.is_empty() {
                     continue;
                 }
+                let mut savepoint = tx.begin().await?;
                 let mut qb = QueryBuilder::<sqlx::MySql>::new("INSERT IGNORE");
                 push_insert!(qb, fresh.iter().copied());
                 let inserted = qb
                     .build()
                     .persistent(false)
-                    .execute(&mut *tx)
+                    .execute(&mut *savepoint)
                     .await?
                     .rows_affected();
-                if inserted == fresh.len() as u64 {
-                    new.extend(fresh.iter().map(|r| r.id.as_str()));
-                } else if inserted != 0 {
-                    return Err(WriteError::Ambiguous);
+                if inserted == fresh.len() as u64 || inserted == 0 {
+                    savepoint.commit().await?;
+                    if inserted != 0 {
+                        new.extend(fresh.iter().map(|r| r.id.as_str()));
+                    }
+                    continue;
+                }
+                savepoint.rollback().await?;
+                for r in fresh {
+                    let mut qb = QueryBuilder::<sqlx::MySql>::new("INSERT IGNORE");
+                    push_insert!(qb, [r]);
+                    if qb.build().execute(&mut *tx).await?.rows_affected() == 1 {
+                        new.insert(r.id.as_str());
+                    }
                 }
             }
             tx.commit().await?;

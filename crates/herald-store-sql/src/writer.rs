@@ -8,8 +8,10 @@
 //! - nobody waits unboundedly: each batch is bounded by `write_timeout`, each caller by its
 //!   own deadline, and when the database is unreachable everything queued behind the failed
 //!   batch fails at once instead of each batch waiting out its own acquire timeout;
-//! - one record the database refuses fails alone: the batch is retried one record per
-//!   transaction.
+//! - one record the database refuses fails alone: the batch is split in halves until the
+//!   record is found (a few transactions, not one per record: each commit is an fsync);
+//! - a deadlock or serialization failure with another writer (another node) retries the
+//!   whole batch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout_at};
 
 use crate::Options;
-use crate::backend::{Pool, WriteError, insert_batch};
+use crate::backend::{Failure, Pool, classify, insert_batch};
 use crate::store::{Backend, WriteStats};
 
 type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
@@ -158,70 +160,78 @@ impl Task {
     /// Whether each record was new, or why it was not stored; one entry per record.
     async fn store(&mut self, recs: &[InboxRecord]) -> Vec<Result<bool, StoreError>> {
         let deadline = Instant::now() + self.write_timeout;
-        let error = match timeout_at(deadline, insert_batch(&self.pool, recs)).await {
-            Ok(Ok(flags)) => {
-                self.committed(recs.len());
-                return flags.into_iter().map(Ok).collect();
-            }
-            Ok(Err(e)) if e.is_per_record() && recs.len() > 1 => {
-                tracing::debug!(error = %e, records = recs.len(), "store batch refused; writing one by one");
-                return self.store_one_by_one(recs, deadline).await;
-            }
-            Ok(Err(e)) => {
-                let per_record = e.is_per_record();
-                let error = self.unavailable(&e);
-                if per_record {
-                    return vec![Err(error)];
-                }
-                error
-            }
-            Err(_) => self.timed_out(),
-        };
-        tracing::warn!(error = %error, records = recs.len(), "store write failed");
-        self.fail_queued(&error);
-        vec![Err(error); recs.len()]
-    }
-
-    /// One transaction per record, within the batch's deadline; stops at the first sign
-    /// that the database is unreachable.
-    async fn store_one_by_one(
-        &mut self,
-        recs: &[InboxRecord],
-        deadline: Instant,
-    ) -> Vec<Result<bool, StoreError>> {
-        let mut out = Vec::with_capacity(recs.len());
+        let mut out: Vec<Option<Result<bool, StoreError>>> = vec![None; recs.len()];
+        // Ranges still to write; a refused range is split and its halves pushed back, the
+        // first half on top so records are written in order.
+        let mut todo = vec![0..recs.len()];
         let mut gone: Option<StoreError> = None;
-        for rec in recs {
+        while let Some(range) = todo.pop() {
             if let Some(e) = &gone {
-                out.push(Err(e.clone()));
+                out[range].fill(Some(Err(e.clone())));
                 continue;
             }
-            match timeout_at(deadline, insert_batch(&self.pool, std::slice::from_ref(rec))).await {
-                Ok(Ok(flags)) => {
-                    self.committed(1);
-                    out.push(Ok(flags.first().copied().unwrap_or(false)));
+            match self.attempt(&recs[range.clone()], deadline).await {
+                Ok(flags) => {
+                    for (slot, new) in out[range].iter_mut().zip(flags) {
+                        *slot = Some(Ok(new));
+                    }
                 }
-                Ok(Err(e)) if e.is_per_record() => {
-                    tracing::warn!(error = %e, id = %rec.id, "store refused a record");
-                    out.push(Err(self.unavailable(&e)));
+                // A record refused, or conflicts that would not settle: smaller batches.
+                Err((Failure::Record | Failure::Conflict, e)) if range.len() > 1 => {
+                    tracing::debug!(error = %e, records = range.len(), "store batch refused; splitting it");
+                    let mid = range.start + range.len() / 2;
+                    todo.push(mid..range.end);
+                    todo.push(range.start..mid);
                 }
-                Ok(Err(e)) => {
-                    let e = self.unavailable(&e);
-                    gone = Some(e.clone());
-                    out.push(Err(e));
+                Err((Failure::Record | Failure::Conflict, e)) => {
+                    tracing::warn!(error = %e, id = %recs[range.start].id, "store refused a record");
+                    out[range.start] = Some(Err(e));
                 }
-                Err(_) => {
-                    let e = self.timed_out();
-                    gone = Some(e.clone());
-                    out.push(Err(e));
+                Err((_, e)) => {
+                    tracing::warn!(error = %e, records = recs.len(), "store write failed");
+                    out[range].fill(Some(Err(e.clone())));
+                    gone = Some(e);
                 }
             }
         }
         if let Some(e) = gone {
-            tracing::warn!(error = %e, "store write failed");
             self.fail_queued(&e);
         }
-        out
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(self.timed_out())))
+            .collect()
+    }
+
+    /// One transaction for `recs`, tried again (a few times, within the deadline) when it lost
+    /// a deadlock or serialization conflict with another writer.
+    async fn attempt(
+        &self,
+        recs: &[InboxRecord],
+        deadline: Instant,
+    ) -> Result<Vec<bool>, (Failure, StoreError)> {
+        const TRIES: u32 = 4;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match timeout_at(deadline, insert_batch(&self.pool, recs)).await {
+                Ok(Ok(flags)) => {
+                    self.committed(recs.len());
+                    return Ok(flags);
+                }
+                Ok(Err(e)) => match classify(self.backend, &e) {
+                    Failure::Conflict if tries < TRIES => {
+                        tracing::debug!(error = %e, tries, "store batch conflicted; again");
+                        // Let the other writer finish before trying again.
+                        tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+                    }
+                    failure => {
+                        let e = StoreError::Unavailable(format!("{}: {e}", self.backend.name()));
+                        return Err((failure, e));
+                    }
+                },
+                Err(_) => return Err((Failure::Unavailable, self.timed_out())),
+            }
+        }
     }
 
     fn committed(&self, records: usize) {
@@ -237,10 +247,6 @@ impl Task {
         while let Ok(job) = self.jobs.try_recv() {
             let _ = job.reply.send(Err(error.clone()));
         }
-    }
-
-    fn unavailable(&self, e: &WriteError) -> StoreError {
-        StoreError::Unavailable(format!("{}: {e}", self.backend.name()))
     }
 
     fn timed_out(&self) -> StoreError {

@@ -41,9 +41,7 @@ macro_rules! suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $check() {
-                    let t = std::time::Instant::now();
                     super::$check(&super::TestDb::new(super::Kind::MySql).await).await;
-                    eprintln!("TIMING {} {:?}", stringify!($check), t.elapsed());
                 }
             )+
         }

@@ -465,9 +465,12 @@ async fn stats(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiRes
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let store_up = state.store.ping().await.is_ok();
-    let body = state
-        .metrics
-        .render(&state.hub.stats(), state.bus.healthy(), store_up);
+    let body = state.metrics.render(
+        &state.hub.stats(),
+        state.inbox.len(),
+        state.bus.healthy(),
+        store_up,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use herald_core::hub::Hub;
 use herald_core::message::Message;
 use herald_core::store::Store;
+
+use crate::metrics::Metrics;
 use parking_lot::Mutex;
 
 /// A user's unacked messages by id.
@@ -120,7 +122,7 @@ impl Inbox {
     }
 
     /// One retransmission pass: resend what is due, record retries and failures in the store.
-    pub async fn tick(&self, hub: &Hub, store: &dyn Store) {
+    pub async fn tick(&self, hub: &Hub, store: &dyn Store, metrics: &Metrics) {
         let due = self.due(Instant::now(), |u| hub.user_connection_count(u) > 0);
         let mut retried: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for (user, msg) in due.resend {
@@ -128,11 +130,13 @@ impl Inbox {
             retried.entry(user).or_default().push(msg.id.to_string());
         }
         for (user, ids) in retried {
+            metrics.durable_retries.increment(ids.len() as u64);
             if let Err(e) = store.record_retry(&user, &ids).await {
                 tracing::warn!(error = %e, %user, "could not record retries");
             }
         }
         for (user, ids) in due.failed {
+            metrics.durable_failed.increment(ids.len() as u64);
             tracing::debug!(%user, count = ids.len(), "durable messages failed after retries");
             if let Err(e) = store.mark_failed(&user, &ids).await {
                 tracing::warn!(error = %e, %user, "could not mark messages failed");

@@ -181,7 +181,7 @@ pub async fn run(
                             Err(e) => tracing::warn!(error = %e, "inbox purge failed"),
                         }
                     }
-                    _ = retransmit.tick() => state.inbox.tick(&state.hub, state.store.as_ref()).await,
+                    _ = retransmit.tick() => state.inbox.tick(&state.hub, state.store.as_ref(), &state.metrics).await,
                     _ = state.shutdown.cancelled() => break,
                 }
             }

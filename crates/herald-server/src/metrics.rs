@@ -67,6 +67,10 @@ pub struct Metrics {
     pub dropped_slow_consumer: Counter,
     /// Connections closed as slow consumers (queue persistently full, or socket blocked).
     pub slow_consumers: Counter,
+    /// Durable messages sent again because they were not acked in time.
+    pub durable_retries: Counter,
+    /// Durable messages marked failed (retries exhausted).
+    pub durable_failed: Counter,
     pub publish_to_write: Histogram,
 }
 
@@ -86,6 +90,8 @@ impl Metrics {
             dropped_queue_full: counter!("herald_messages_dropped_total", "reason" => "queue_full"),
             dropped_slow_consumer: counter!("herald_messages_dropped_total", "reason" => "slow_consumer"),
             slow_consumers: counter!("herald_slow_consumers_total"),
+            durable_retries: counter!("herald_durable_retries_total"),
+            durable_failed: counter!("herald_durable_failed_total"),
             publish_to_write: histogram!("herald_publish_to_write_seconds"),
         }
     }
@@ -101,7 +107,14 @@ impl Metrics {
     }
 
     /// Render the exposition text, refreshing state gauges first.
-    pub fn render(&self, hub: &HubStats, bus_up: bool, store_up: bool) -> String {
+    pub fn render(
+        &self,
+        hub: &HubStats,
+        durable_unacked: usize,
+        bus_up: bool,
+        store_up: bool,
+    ) -> String {
+        gauge!("herald_durable_unacked").set(durable_unacked as f64);
         gauge!("herald_connections").set(hub.connections as f64);
         gauge!("herald_online_users").set(hub.online_users as f64);
         gauge!("herald_connections_per_user_max").set(hub.max_connections_per_user as f64);

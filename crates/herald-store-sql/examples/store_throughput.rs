@@ -148,10 +148,10 @@ async fn measure(url: &str, batch_max: usize, inserts: usize, callers: usize) ->
     );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
-    let mut callers = Vec::new();
+    let mut tasks = Vec::new();
     for _ in 0..callers {
         let (store, next, total) = (store.clone(), next.clone(), inserts);
-        callers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -168,8 +168,8 @@ async fn measure(url: &str, batch_max: usize, inserts: usize, callers: usize) ->
         }));
     }
     let mut latencies = Vec::with_capacity(inserts);
-    for c in callers {
-        latencies.extend(c.await??);
+    for t in tasks {
+        latencies.extend(t.await??);
     }
     let elapsed = start.elapsed();
     latencies.sort();

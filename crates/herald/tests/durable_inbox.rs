@@ -171,6 +171,17 @@ async fn unacked_messages_are_retransmitted_then_failed_and_replayed() {
     })
     .await;
     ws.expect_no_message(Duration::from_millis(300)).await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        common::metric_sum(&metrics, "herald_durable_retries_total", &[]),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        common::metric_sum(&metrics, "herald_durable_failed_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
     ws.close().await;
 
     // A failed message is replayed on the next connect; acking it ends it.

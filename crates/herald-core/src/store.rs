@@ -149,6 +149,29 @@ impl MemoryStore {
         }
     }
 
+    /// Apply `change` to this user's messages among `ids` that satisfy `when`, stamping
+    /// `updated_at`; returns how many changed.
+    fn update(
+        &self,
+        user: &str,
+        ids: &[String],
+        when: impl Fn(&InboxRecord) -> bool,
+        mut change: impl FnMut(&mut InboxRecord),
+    ) -> usize {
+        let mut g = self.inner.lock();
+        let now = now_ms();
+        let Some(q) = g.by_user.get_mut(user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for r in q.iter_mut().filter(|r| when(r) && ids.contains(&r.id)) {
+            change(r);
+            r.updated_at = now;
+            n += 1;
+        }
+        n
+    }
+
     fn expire(inboxes: &mut Inboxes, user: &str, retention: Retention) {
         let cutoff = now_ms().saturating_sub(retention.max_age.as_millis() as u64);
         let Inboxes { by_user, owner } = inboxes;
@@ -194,35 +217,22 @@ impl Store for MemoryStore {
     }
 
     async fn mark_sent(&self, user: &str, ids: &[String]) -> Result<(), StoreError> {
-        let mut g = self.inner.lock();
-        let now = now_ms();
-        if let Some(q) = g.by_user.get_mut(user) {
-            for r in q
-                .iter_mut()
-                .filter(|r| r.status == InboxStatus::Pending && ids.contains(&r.id))
-            {
-                r.status = InboxStatus::Sent;
-                r.updated_at = now;
-            }
-        }
+        self.update(
+            user,
+            ids,
+            |r| r.status == InboxStatus::Pending,
+            |r| r.status = InboxStatus::Sent,
+        );
         Ok(())
     }
 
     async fn ack(&self, user: &str, ids: &[String]) -> Result<usize, StoreError> {
-        let mut g = self.inner.lock();
-        let now = now_ms();
-        let mut n = 0;
-        if let Some(q) = g.by_user.get_mut(user) {
-            for r in q
-                .iter_mut()
-                .filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id))
-            {
-                r.status = InboxStatus::Acked;
-                r.updated_at = now;
-                n += 1;
-            }
-        }
-        Ok(n)
+        Ok(self.update(
+            user,
+            ids,
+            |r| r.status != InboxStatus::Acked,
+            |r| r.status = InboxStatus::Acked,
+        ))
     }
 
     async fn list(
@@ -247,32 +257,22 @@ impl Store for MemoryStore {
     }
 
     async fn record_retry(&self, user: &str, ids: &[String]) -> Result<(), StoreError> {
-        let mut g = self.inner.lock();
-        let now = now_ms();
-        if let Some(q) = g.by_user.get_mut(user) {
-            for r in q
-                .iter_mut()
-                .filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id))
-            {
-                r.retry_count += 1;
-                r.updated_at = now;
-            }
-        }
+        self.update(
+            user,
+            ids,
+            |r| r.status != InboxStatus::Acked,
+            |r| r.retry_count += 1,
+        );
         Ok(())
     }
 
     async fn mark_failed(&self, user: &str, ids: &[String]) -> Result<(), StoreError> {
-        let mut g = self.inner.lock();
-        let now = now_ms();
-        if let Some(q) = g.by_user.get_mut(user) {
-            for r in q
-                .iter_mut()
-                .filter(|r| r.status != InboxStatus::Acked && ids.contains(&r.id))
-            {
-                r.status = InboxStatus::Failed;
-                r.updated_at = now;
-            }
-        }
+        self.update(
+            user,
+            ids,
+            |r| r.status != InboxStatus::Acked,
+            |r| r.status = InboxStatus::Failed,
+        );
         Ok(())
     }
 

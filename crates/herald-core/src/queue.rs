@@ -33,6 +33,9 @@ use crate::message::Message;
 pub enum Outgoing {
     /// A published message; the connection encodes it (once per protocol, shared).
     Message(Arc<Message>),
+    /// A message replayed from history for this connection: never dropped (a resume is
+    /// all-or-nothing, see [`ConnQueue::push_replay`]).
+    Replay(Arc<Message>),
     /// A ready control frame for this connection only (reply, error, welcome, reconnect…).
     Frame(Bytes),
 }
@@ -140,6 +143,22 @@ impl ConnQueue {
         outcome
     }
 
+    /// Queue a resume's messages, all or nothing: they are never dropped once queued, so the
+    /// answer `recovered:true` stays true. Refused (returns false, nothing queued) when the
+    /// queue is closing or they would take it past twice its capacity: the caller then answers
+    /// `recovered:false` and the client resyncs.
+    pub fn push_replay(&self, msgs: &[Arc<Message>]) -> bool {
+        let mut g = self.inner.lock();
+        if g.close.is_some() || g.items.len() + msgs.len() > self.capacity * 2 {
+            return false;
+        }
+        g.items.extend(msgs.iter().cloned().map(Outgoing::Replay));
+        let waker = g.waker.take();
+        drop(g);
+        wake(waker);
+        true
+    }
+
     /// Queue a control frame. Never dropped; a client that makes the queue reach twice its
     /// capacity with requests it does not read the answers to is closed as a slow consumer.
     pub fn push_frame(&self, frame: Bytes) -> Push {
@@ -182,7 +201,7 @@ impl ConnQueue {
         let discarded = g
             .items
             .iter()
-            .filter(|i| matches!(i, Outgoing::Message(_)))
+            .filter(|i| matches!(i, Outgoing::Message(_) | Outgoing::Replay(_)))
             .count();
         g.dropped += discarded as u64;
         g.items.clear();
@@ -279,7 +298,7 @@ mod tests {
 
     fn data_of(o: &Outgoing) -> String {
         match o {
-            Outgoing::Message(m) => m.data.get().to_string(),
+            Outgoing::Message(m) | Outgoing::Replay(m) => m.data.get().to_string(),
             Outgoing::Frame(b) => String::from_utf8_lossy(b).into_owned(),
         }
     }
@@ -367,6 +386,22 @@ mod tests {
         let (items, close) = drain_now(&q);
         assert!(items.is_empty());
         assert_eq!(close.unwrap().code, 1012);
+    }
+
+    #[test]
+    fn replay_is_all_or_nothing_and_never_dropped() {
+        let q = ConnQueue::new(2, Duration::from_secs(60));
+        let five: Vec<_> = (0..5).map(|i| msg(i, false)).collect();
+        assert!(!q.push_replay(&five), "more than twice the capacity");
+        assert!(q.is_empty());
+        assert!(q.push_replay(&five[..3]));
+        assert_eq!(q.push_message(msg(9, false)), Push::DroppedOldest);
+        let (items, _) = drain_now(&q);
+        // The replayed three survive; the new ephemeral one was the droppable one.
+        assert_eq!(
+            items.iter().map(data_of).collect::<Vec<_>>(),
+            ["0", "1", "2"]
+        );
     }
 
     #[tokio::test]

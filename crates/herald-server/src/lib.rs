@@ -55,7 +55,7 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("topics: {0}")]
     Acl(#[from] AclError),
-    #[error("{setting}: {message}")]
+    #[error("{message}")]
     Backend {
         setting: &'static str,
         message: String,
@@ -76,7 +76,7 @@ fn build_bus(config: &Config, node_id: &str) -> Result<Arc<dyn Bus>, ServerError
         other => Err(ServerError::Backend {
             setting: "bus.url",
             message: format!(
-                "bus {:?} is not available in this build (supported: memory)",
+                "bus.url: bus {:?} is not available in this build (supported: memory)",
                 other.name()
             ),
         }),
@@ -123,86 +123,106 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let node_id: Arc<str> = config.server.node_id.as_str().into();
-    let auth = Arc::new(JwtAuthenticator::new(&config.auth)?);
-    let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
-    let hub = Arc::new(Hub::new());
-    let bus = build_bus(&config, &node_id)?;
-    let store = build_store(&config).await?;
-    let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
-    let history = Arc::new(MemoryHistory::new());
-    let metrics = metrics::Metrics::new();
-    bus.attach(Arc::new(Router {
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        auth: auth.clone(),
-    }));
-    hub.set_interest(bus.clone());
+    Node::start(config, shutdown).await?.serve(listener).await
+}
 
-    let inbox = inbox::Inbox::new(config.store.retry_after, config.store.max_retries);
-    let state = Arc::new(AppState {
-        inbox,
-        limiters: limits::Limiters::new(&config.limits),
-        config,
-        node_id,
-        hub,
-        bus,
-        presence,
-        store,
-        history: history.clone(),
-        order: publish::OrderLocks::default(),
+/// A node whose backends are connected and whose state is built, not yet serving: starting
+/// fails fast (bad key file, unreachable store…) before anything is listening.
+pub struct Node {
+    state: Arc<AppState>,
+    history: Arc<MemoryHistory>,
+}
 
-        auth,
-        acl,
-        metrics,
-        started: Instant::now(),
-        draining: AtomicBool::new(false),
-        shutdown: shutdown.clone(),
-        tasks: TaskTracker::new(),
-    });
+impl Node {
+    /// Connect the backends and build the state. `shutdown` stops the node once serving.
+    pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Node, ServerError> {
+        let node_id: Arc<str> = config.server.node_id.as_str().into();
+        let auth = Arc::new(JwtAuthenticator::new(&config.auth)?);
+        let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
+        let hub = Arc::new(Hub::new());
+        let bus = build_bus(&config, &node_id)?;
+        let store = build_store(&config).await?;
+        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
+        let history = Arc::new(MemoryHistory::new());
+        let metrics = metrics::Metrics::new();
+        bus.attach(Arc::new(Router {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            auth: auth.clone(),
+        }));
+        hub.set_interest(bus.clone());
 
-    let housekeeping = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut minute = tokio::time::interval(Duration::from_secs(60));
-            // Retransmission timers are checked a few times per retry interval.
-            let mut retransmit = tokio::time::interval(
-                (state.config.store.retry_after / 4).max(Duration::from_millis(50)),
-            );
-            let retention = retention(&state.config);
-            loop {
-                tokio::select! {
-                    _ = minute.tick() => {
-                        state.limiters.housekeep();
-                        history.sweep();
-                        match state.store.purge(retention).await {
-                            Ok(0) => {}
-                            Ok(n) => tracing::debug!(deleted = n, "inbox purge"),
-                            Err(e) => tracing::warn!(error = %e, "inbox purge failed"),
-                        }
-                    }
-                    _ = retransmit.tick() => state.inbox.tick(&state.hub, state.store.as_ref(), &state.metrics).await,
-                    _ = state.shutdown.cancelled() => break,
-                }
-            }
-        })
-    };
+        let inbox = inbox::Inbox::new(config.store.retry_after, config.store.max_retries);
+        let state = Arc::new(AppState {
+            inbox,
+            limiters: limits::Limiters::new(&config.limits),
+            config,
+            node_id,
+            hub,
+            bus,
+            presence,
+            store,
+            history: history.clone(),
+            order: publish::OrderLocks::default(),
 
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, node_id = %state.node_id, "serving");
-    let http = tokio::spawn(serve_http(
-        listener,
-        api::router(state.clone()),
-        state.clone(),
-    ));
-
-    shutdown.cancelled().await;
-    drain(&state).await;
-    housekeeping.abort();
-    if let Err(e) = http.await {
-        tracing::warn!(error = %e, "http server task ended abnormally");
+            auth,
+            acl,
+            metrics,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
+        });
+        Ok(Node { state, history })
     }
-    Ok(())
+
+    /// Serve on `listener` until the shutdown token is cancelled, then drain (see [`run`]).
+    pub async fn serve(self, listener: TcpListener) -> Result<(), ServerError> {
+        let Node { state, history } = self;
+        let shutdown = state.shutdown.clone();
+        let housekeeping = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut minute = tokio::time::interval(Duration::from_secs(60));
+                // Retransmission timers are checked a few times per retry interval.
+                let mut retransmit = tokio::time::interval(
+                    (state.config.store.retry_after / 4).max(Duration::from_millis(50)),
+                );
+                let retention = retention(&state.config);
+                loop {
+                    tokio::select! {
+                        _ = minute.tick() => {
+                            state.limiters.housekeep();
+                            history.sweep();
+                            match state.store.purge(retention).await {
+                                Ok(0) => {}
+                                Ok(n) => tracing::debug!(deleted = n, "inbox purge"),
+                                Err(e) => tracing::warn!(error = %e, "inbox purge failed"),
+                            }
+                        }
+                        _ = retransmit.tick() => state.inbox.tick(&state.hub, state.store.as_ref(), &state.metrics).await,
+                        _ = state.shutdown.cancelled() => break,
+                    }
+                }
+            })
+        };
+
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, node_id = %state.node_id, "serving");
+        let http = tokio::spawn(serve_http(
+            listener,
+            api::router(state.clone()),
+            state.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        drain(&state).await;
+        housekeeping.abort();
+        if let Err(e) = http.await {
+            tracing::warn!(error = %e, "http server task ended abnormally");
+        }
+        Ok(())
+    }
 }
 
 /// The accept loop: one hyper HTTP/1 connection per socket, with upgrades (for `/ws`), a

@@ -183,8 +183,10 @@ pub async fn publish(
     }
 
     let ordered = options.history.is_some() || options.retain || req.partition.is_some();
-    let key = match (&options.history, &req.partition) {
-        (None, Some(p)) => p.as_str(),
+    // Topics with history or a retained value are ordered per topic (subscribers resume under
+    // the same lock); other topics per partition key when one is given.
+    let key = match &req.partition {
+        Some(p) if options.history.is_none() && !options.retain => p.as_str(),
         _ => msg.topic.as_str(),
     };
     let _guard = if ordered {

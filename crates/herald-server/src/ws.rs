@@ -22,6 +22,7 @@
 //! What must stay true: the hub never waits on this task, and this task never holds a hub lock
 //! across an await (it calls only the hub's synchronous methods).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -465,6 +466,7 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
         Box::pin(sleep_until(ctx.expiry.unwrap_or_else(far_future).into()));
     let conn = ctx.conn.clone();
     let mut batch: Vec<Outgoing> = Vec::new();
+    let mut recent_durable = RecentDurable::new();
 
     loop {
         tokio::select! {
@@ -490,7 +492,7 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
                 if let Flow::Close(code, reason) = flow {
                     // The replies already queued (e.g. the errors that led here) go out first.
                     if conn.queue.drain(&mut batch, usize::MAX).now_or_never().is_some() && !batch.is_empty() {
-                        let _ = timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch)).await;
+                        let _ = timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch, &mut recent_durable)).await;
                     }
                     send_close(ws, code, &reason, limits.write_timeout).await;
                     return if code == close::POLICY { "policy" } else { "server" };
@@ -502,7 +504,7 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
             }
             close = conn.queue.drain(&mut batch, BATCH) => {
                 if !batch.is_empty() {
-                    match timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch)).await {
+                    match timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch, &mut recent_durable)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return "write_error",
                         Err(_) => {
@@ -544,24 +546,52 @@ fn close_label(code: u16) -> &'static str {
 }
 
 /// Feed a drained batch to the socket and flush once.
+/// Durable ids this connection wrote recently, with when: the replay at connect and a live
+/// delivery of the same new message can race (both are queued), and a retransmission must
+/// still go out, so a durable id is written again only after half a retry interval.
+type RecentDurable = HashMap<Box<str>, Instant>;
+
 async fn write_batch(
     state: &AppState,
     ws: &mut Ws,
     conn: &ConnHandle,
     batch: &mut Vec<Outgoing>,
+    recent: &mut RecentDurable,
 ) -> Result<(), tungstenite::Error> {
+    let store = &state.config.store;
+    let now = Instant::now();
+    if recent.len() > 1024 {
+        let keep = store.retry_after * (store.max_retries + 1);
+        recent.retain(|_, at| now.duration_since(*at) < keep);
+    }
     let mut messages = 0u64;
     let mut oldest: Option<Instant> = None;
     let mut durable_ids: Vec<String> = Vec::new();
     for item in batch.drain(..) {
         let frame = match item {
             Outgoing::Message(m) => {
+                if m.durable {
+                    if recent
+                        .get(&m.id)
+                        .is_some_and(|at| now.duration_since(*at) < store.retry_after / 2)
+                    {
+                        continue;
+                    }
+                    recent.insert(m.id.clone(), now);
+                }
                 messages += 1;
-                oldest = Some(oldest.map_or(m.received_at, |o| o.min(m.received_at)));
                 if m.durable {
                     durable_ids.push(m.id.to_string());
                     state.inbox.written(&conn.user, &m);
+                } else {
+                    // Publish-to-write latency is measured on live messages only: replays and
+                    // retransmissions are old by design.
+                    oldest = Some(oldest.map_or(m.received_at, |o| o.min(m.received_at)));
                 }
+                m.json_frame().clone()
+            }
+            Outgoing::Replay(m) => {
+                messages += 1;
                 m.json_frame().clone()
             }
             Outgoing::Frame(f) => f,
@@ -833,12 +863,11 @@ async fn subscribe_one(
                 .await
                 .map_err(history_err)?
             {
-                Recovery::Complete { messages, latest } => {
-                    for m in messages {
-                        ctx.conn.queue.push_message(m);
-                    }
-                    (latest, true)
-                }
+                // All of the missed messages are queued, or none and the client is told.
+                Recovery::Complete { messages, latest } => (
+                    latest,
+                    messages.is_empty() || ctx.conn.queue.push_replay(&messages),
+                ),
                 Recovery::Gap { latest } => (latest, false),
             };
             // Without history on this topic nothing was kept: only `since` = current is whole.

@@ -95,17 +95,13 @@ impl Scratch {
 
 async fn exec_pg(url: &str, sql: &str) -> anyhow::Result<()> {
     let mut c = sqlx::PgConnection::connect(url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(&mut c)
-        .await?;
+    sqlx::query(sql).execute(&mut c).await?;
     Ok(())
 }
 
 async fn exec_my(url: &str, sql: &str) -> anyhow::Result<()> {
     let mut c = sqlx::MySqlConnection::connect(url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
-        .execute(&mut c)
-        .await?;
+    sqlx::query(sql).execute(&mut c).await?;
     Ok(())
 }
 
@@ -135,7 +131,12 @@ struct Measured {
     p99: Duration,
 }
 
-async fn measure(url: &str, batch_max: usize, inserts: usize, callers: usize) -> anyhow::Result<Measured> {
+async fn measure(
+    url: &str,
+    batch_max: usize,
+    inserts: usize,
+    callers: usize,
+) -> anyhow::Result<Measured> {
     let store = Arc::new(
         SqlStore::connect(
             url,

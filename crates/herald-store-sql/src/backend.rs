@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use herald_core::store::InboxRecord;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 use sqlx::QueryBuilder;
 
 use crate::Options;
@@ -31,21 +30,23 @@ pub(crate) enum Pool {
 /// code written once is compiled for each backend.
 macro_rules! with_pool {
     ($pool:expr, |$p:ident, $db:ident| $body:expr) => {
-        match $pool {
+        // On the place, not the reference: with no backend compiled in, `Pool` is empty and
+        // so is this match.
+        match *$pool {
             #[cfg(feature = "sqlite")]
-            $crate::backend::Pool::Sqlite($p) => {
+            $crate::backend::Pool::Sqlite(ref $p) => {
                 #[allow(dead_code)]
                 type $db = sqlx::Sqlite;
                 $body
             }
             #[cfg(feature = "postgres")]
-            $crate::backend::Pool::Postgres($p) => {
+            $crate::backend::Pool::Postgres(ref $p) => {
                 #[allow(dead_code)]
                 type $db = sqlx::Postgres;
                 $body
             }
             #[cfg(feature = "mysql")]
-            $crate::backend::Pool::MySql($p) => {
+            $crate::backend::Pool::MySql(ref $p) => {
                 #[allow(dead_code)]
                 type $db = sqlx::MySql;
                 $body
@@ -70,7 +71,11 @@ pub(crate) fn columns(backend: Backend) -> &'static str {
 // --- opening ------------------------------------------------------------------------------
 
 /// Opens the pool of `backend` (the URL already normalized) and checks that it connects.
-pub(crate) async fn open(backend: Backend, url: &str, options: &Options) -> Result<Pool, SetupError> {
+pub(crate) async fn open(
+    backend: Backend,
+    url: &str,
+    options: &Options,
+) -> Result<Pool, SetupError> {
     match backend {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => open_sqlite(url, options).await,
@@ -79,17 +84,13 @@ pub(crate) async fn open(backend: Backend, url: &str, options: &Options) -> Resu
         #[cfg(feature = "mysql")]
         Backend::MySql => open_mysql(url, options).await,
         #[allow(unreachable_patterns)]
-        other => {
-            let _ = (url, options);
-            Err(SetupError::NotCompiled {
-                backend: other.name(),
-                feature: other.feature(),
-            })
-        }
+        other => Err(SetupError::NotCompiled {
+            backend: other.name(),
+            feature: other.feature(),
+        }),
     }
 }
 
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 fn invalid_url(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> SetupError {
     let url = crate::url::redact(url);
     move |source| SetupError::InvalidUrl {
@@ -99,7 +100,6 @@ fn invalid_url(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> Setup
     }
 }
 
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 fn connect_failed(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> SetupError {
     let url = crate::url::redact(url);
     move |source| SetupError::Connect {
@@ -112,7 +112,6 @@ fn connect_failed(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> Se
 
 /// One direct connection before the pool is built: a refused connection fails at once with
 /// its real cause, where the pool would retry until its acquire timeout and report only that.
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 async fn probe<C: sqlx::Connection>(
     opts: &<C as sqlx::Connection>::Options,
     limit: std::time::Duration,
@@ -139,11 +138,12 @@ async fn open_sqlite(url: &str, o: &Options) -> Result<Pool, SetupError> {
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
     };
 
-    let opts =
-        SqliteConnectOptions::from_str(url).map_err(invalid_url(Backend::Sqlite, url))?;
+    let opts = SqliteConnectOptions::from_str(url).map_err(invalid_url(Backend::Sqlite, url))?;
     let opts = opts
         .busy_timeout(o.busy_timeout)
-        .synchronous(SqliteSynchronous::Normal);
+        // FULL: each (batched) commit is fsynced before the publisher is answered, so an
+        // acknowledged durable message survives a power failure too, not only a crash.
+        .synchronous(SqliteSynchronous::Full);
     let in_memory = is_sqlite_memory(url);
     let (opts, pool) = if in_memory {
         // One connection, kept for the life of the pool: the database lives and dies with it.
@@ -197,8 +197,7 @@ async fn open_postgres(url: &str, o: &Options) -> Result<Pool, SetupError> {
 
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-    let mut opts =
-        PgConnectOptions::from_str(url).map_err(invalid_url(Backend::Postgres, url))?;
+    let mut opts = PgConnectOptions::from_str(url).map_err(invalid_url(Backend::Postgres, url))?;
     if opts.get_application_name().is_none() {
         opts = opts.application_name("herald");
     }
@@ -294,12 +293,13 @@ const MYSQL_MIGRATIONS: &[&[&str]] = &[&["CREATE TABLE IF NOT EXISTS messages (
         UNIQUE KEY messages_id (id),
         KEY messages_user_status_created (user_id, status, created_at),
         KEY messages_created (created_at)
-    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin"]];
+    ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"]];
 
 /// Why migrating failed.
 pub(crate) enum MigrateError {
     Sql(sqlx::Error),
     TooNew(i32),
+    #[cfg(feature = "mysql")]
     Locked,
 }
 
@@ -323,6 +323,7 @@ impl MigrateError {
                 found,
                 known: SCHEMA_VERSION,
             },
+            #[cfg(feature = "mysql")]
             Self::Locked => SetupError::MigrationLocked { url },
         }
     }
@@ -330,7 +331,6 @@ impl MigrateError {
 
 /// Creates `herald_schema_version` if needed and applies the missing versions of
 /// `$migrations` on the connection `$conn`, recording each. Evaluates to the version found.
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 macro_rules! apply_migrations {
     ($conn:expr, $migrations:expr) => {{
         sqlx::query(
@@ -355,8 +355,9 @@ macro_rules! apply_migrations {
             for statement in statements.iter() {
                 sqlx::query(*statement).execute(&mut *$conn).await?;
             }
-            let mut record =
-                QueryBuilder::new("INSERT INTO herald_schema_version (version, applied_at) VALUES (");
+            let mut record = QueryBuilder::new(
+                "INSERT INTO herald_schema_version (version, applied_at) VALUES (",
+            );
             record.push_bind(version);
             record.push(", ");
             record.push_bind(to_db_ms(herald_core::message::now_ms()));
@@ -399,17 +400,15 @@ pub(crate) async fn migrate(pool: &Pool) -> Result<i32, MigrateError> {
         Pool::MySql(p) => {
             const LOCK: &str = "LEFT(CONCAT('herald_schema:', COALESCE(DATABASE(), '')), 64)";
             let mut conn = p.acquire().await?;
-            let got: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT GET_LOCK({LOCK}, 60)"
-            )))
-            .fetch_one(&mut *conn)
-            .await?;
+            let got: Option<i64> = sqlx::query_scalar(&format!("SELECT GET_LOCK({LOCK}, 60)"))
+                .fetch_one(&mut *conn)
+                .await?;
             if got != Some(1) {
                 return Err(MigrateError::Locked);
             }
             let result: Result<i32, MigrateError> =
                 async { Ok(apply_migrations!(conn, MYSQL_MIGRATIONS)) }.await;
-            let released = sqlx::query(sqlx::AssertSqlSafe(format!("DO RELEASE_LOCK({LOCK})")))
+            let released = sqlx::query(&format!("DO RELEASE_LOCK({LOCK})"))
                 .execute(&mut *conn)
                 .await;
             let found = result?;
@@ -491,7 +490,6 @@ pub(crate) fn statements(recs: &[InboxRecord]) -> Vec<Range<usize>> {
 }
 
 /// The INSERT of `$chunk` into `$qb`, columns and VALUES, without the conflict clause.
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 macro_rules! push_insert {
     ($qb:expr, $chunk:expr) => {
         $qb.push(
@@ -515,7 +513,10 @@ macro_rules! push_insert {
 
 /// Writes `recs` (distinct ids) in one transaction, skipping ids that exist; says for each
 /// whether it was new. Returns only after COMMIT; on error everything was rolled back.
-pub(crate) async fn insert_batch(pool: &Pool, recs: &[InboxRecord]) -> Result<Vec<bool>, sqlx::Error> {
+pub(crate) async fn insert_batch(
+    pool: &Pool,
+    recs: &[InboxRecord],
+) -> Result<Vec<bool>, sqlx::Error> {
     if recs.is_empty() {
         return Ok(Vec::new());
     }
@@ -569,7 +570,8 @@ pub(crate) async fn insert_batch(pool: &Pool, recs: &[InboxRecord]) -> Result<Ve
             let mut new: HashSet<&str> = HashSet::with_capacity(recs.len());
             for range in statements(recs) {
                 let chunk = &recs[range];
-                let mut qb = QueryBuilder::<sqlx::MySql>::new("SELECT id FROM messages WHERE id IN (");
+                let mut qb =
+                    QueryBuilder::<sqlx::MySql>::new("SELECT id FROM messages WHERE id IN (");
                 let mut list = qb.separated(", ");
                 for r in chunk {
                     list.push_bind(r.id.as_str());
@@ -650,7 +652,12 @@ mod tests {
         let big: Vec<_> = (0..5).map(|i| rec(i, 1024 * 1024)).collect();
         assert_eq!(statements(&big), [0..1, 1..2, 2..3, 3..4, 4..5]);
         let huge = [rec(0, 3 * 1024 * 1024)];
-        assert_eq!(statements(&huge), [0..1], "an oversized record still goes alone");
+        let alone: Vec<Range<usize>> = std::iter::once(0..1).collect();
+        assert_eq!(
+            statements(&huge),
+            alone,
+            "an oversized record still goes alone"
+        );
         assert!(statements(&[]).is_empty());
     }
 

@@ -19,6 +19,15 @@
 //! multi-row insert that skips existing ids) → COMMIT → each caller is answered `New` or
 //! `Duplicate`. Reads and status updates go straight to the pool.
 //!
+//! # Semantics
+//!
+//! Those of `herald_core::store::MemoryStore`, with one difference of timing: the memory
+//! store trims an inbox to `max_per_user` on every insert, a SQL store only in
+//! [`Store::purge`], which the gateway is expected to call periodically. Reads already skip
+//! messages older than the retention age. Durability: PostgreSQL and MySQL commit as they are
+//! configured; SQLite runs in WAL mode with `synchronous=FULL`: every commit (one per batch of
+//! inserts) is fsynced before its callers are answered, so it survives a power failure too.
+//!
 //! # Schema (version 1)
 //!
 //! One table, `messages`: `seq` (auto-increment, insertion order), `id` (the message id,
@@ -27,6 +36,9 @@
 //! `failed`), `retry_count`, `created_at` and `updated_at` (Unix milliseconds); indexes on
 //! `(user_id, status, created_at)` for replay and on `created_at` for purging. Applied
 //! versions are recorded in `herald_schema_version`.
+
+#[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
+compile_error!("herald-store-sql needs at least one of its features: sqlite, postgres, mysql");
 
 pub mod error;
 
@@ -51,7 +63,8 @@ pub const SCHEMA_VERSION: i32 = backend::SCHEMA_VERSION;
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Applied when reading: messages older than `max_age` are neither replayed nor listed.
-    /// [`Store::purge`] deletes them (and enforces `max_per_user`).
+    /// [`Store::purge`], called with the retention of the caller's choice, deletes them and
+    /// enforces `max_per_user`.
     pub retention: Retention,
     /// Connections of the pool (SQLite in memory: always 1).
     pub max_connections: u32,
@@ -98,4 +111,36 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, SetupError> {
 /// [`connect`] with explicit [`Options`].
 pub async fn connect_with(url: &str, options: Options) -> Result<Arc<dyn Store>, SetupError> {
     Ok(Arc::new(SqlStore::connect(url, options).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run with a subset of the features (`--no-default-features --features sqlite`) to see
+    /// the others refused by name.
+    #[tokio::test]
+    async fn backends_not_compiled_are_named() {
+        let urls = [
+            (cfg!(feature = "sqlite"), "sqlite::memory:", "sqlite"),
+            (
+                cfg!(feature = "postgres"),
+                "postgres://127.0.0.1:1/x",
+                "postgres",
+            ),
+            (cfg!(feature = "mysql"), "mysql://127.0.0.1:1/x", "mysql"),
+        ];
+        for (compiled, url, feature) in urls {
+            if compiled {
+                continue;
+            }
+            let Err(e) = connect(url).await else {
+                panic!("{url} connected without its backend");
+            };
+            assert!(matches!(e, SetupError::NotCompiled { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.starts_with("store.url: the "), "{msg}");
+            assert!(msg.contains(&format!("cargo feature `{feature}`")), "{msg}");
+        }
+    }
 }

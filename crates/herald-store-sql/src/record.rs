@@ -126,7 +126,10 @@ mod tests {
     #[test]
     fn limits() {
         assert!(check(&rec("a")).is_ok());
-        assert!(check(&rec(&"é".repeat(128))).is_ok(), "characters, not bytes");
+        assert!(
+            check(&rec(&"é".repeat(128))).is_ok(),
+            "characters, not bytes"
+        );
         assert!(check(&rec(&"a".repeat(129))).is_err());
         assert!(check(&rec("")).is_err());
         assert!(check(&rec("a\0b")).is_err());

@@ -7,15 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_core::message::now_ms;
 use herald_core::store::{InboxRecord, InboxStatus, Inserted, Retention, Store, StoreError};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 use sqlx::QueryBuilder;
 
 use crate::Options;
-use crate::backend::{self, Pool};
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 use crate::backend::with_pool;
+use crate::backend::{self, Pool};
 use crate::error::SetupError;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 use crate::record::{decode, distinct, to_db_count, to_db_ms};
 use crate::writer::Writer;
 
@@ -89,6 +86,9 @@ impl Update {
     }
 }
 
+/// Longest start-up wait for migrations (MySQL waits 60 s for the lock itself).
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Ids per `IN (…)` list.
 const IDS_PER_STATEMENT: usize = 500;
 
@@ -98,9 +98,15 @@ impl SqlStore {
     pub async fn connect(url: &str, options: Options) -> Result<Self, SetupError> {
         let (backend, url) = crate::url::parse(url)?;
         let pool = backend::open(backend, &url, &options).await?;
-        let found = backend::migrate(&pool)
-            .await
-            .map_err(|e| e.into_setup(backend, &url))?;
+        // Bounded: another node may hold the migration lock and hang.
+        let found = match tokio::time::timeout(MIGRATE_TIMEOUT, backend::migrate(&pool)).await {
+            Ok(found) => found.map_err(|e| e.into_setup(backend, &url))?,
+            Err(_) => {
+                return Err(SetupError::MigrationLocked {
+                    url: crate::url::redact(&url),
+                });
+            }
+        };
         tracing::info!(
             backend = backend.name(),
             url = %crate::url::redact(&url),
@@ -156,7 +162,10 @@ impl SqlStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(limit, op).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("{}: {e}", self.backend.name()))),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                "{}: {e}",
+                self.backend.name()
+            ))),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "{}: no answer within {limit:?}",
                 self.backend.name()
@@ -180,7 +189,9 @@ impl SqlStore {
             let mut touched = 0;
             for chunk in ids.chunks(IDS_PER_STATEMENT) {
                 touched += with_pool!(&self.pool, |p, Db| {
-                    let mut qb = QueryBuilder::<Db>::new(format!("UPDATE messages SET {set}, updated_at = "));
+                    let mut qb = QueryBuilder::<Db>::new(format!(
+                        "UPDATE messages SET {set}, updated_at = "
+                    ));
                     qb.push_bind(now);
                     qb.push(" WHERE user_id = ");
                     qb.push_bind(user);
@@ -190,7 +201,11 @@ impl SqlStore {
                         list.push_bind(*id);
                     }
                     qb.push(")");
-                    qb.build().persistent(false).execute(p).await?.rows_affected()
+                    qb.build()
+                        .persistent(false)
+                        .execute(p)
+                        .await?
+                        .rows_affected()
                 });
             }
             Ok(touched)
@@ -212,7 +227,9 @@ impl SqlStore {
         let cutoff = self.cutoff();
         self.bounded(self.op_timeout, async {
             with_pool!(&self.pool, |p, Db| {
-                let mut qb = QueryBuilder::<Db>::new(format!("SELECT {columns} FROM messages WHERE user_id = "));
+                let mut qb = QueryBuilder::<Db>::new(format!(
+                    "SELECT {columns} FROM messages WHERE user_id = "
+                ));
                 qb.push_bind(user);
                 qb.push(" AND created_at >= ");
                 qb.push_bind(cutoff);
@@ -277,7 +294,8 @@ impl Store for SqlStore {
         // Generous: a purge after a long outage may delete many rows.
         self.bounded(self.op_timeout * 6, async {
             with_pool!(&self.pool, |p, Db| {
-                let mut by_age = QueryBuilder::<Db>::new("DELETE FROM messages WHERE created_at < ");
+                let mut by_age =
+                    QueryBuilder::<Db>::new("DELETE FROM messages WHERE created_at < ");
                 by_age.push_bind(cutoff);
                 let aged = by_age.build().execute(p).await?.rows_affected();
                 // Per user, all but the newest `keep` (in list order), looking only at users
@@ -315,7 +333,10 @@ impl Store for SqlStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(self.ping_timeout, async {
-            with_pool!(&self.pool, |p, Db| sqlx::query("SELECT 1").execute(p).await.map(drop))
+            with_pool!(&self.pool, |p, Db| sqlx::query("SELECT 1")
+                .execute(p)
+                .await
+                .map(drop))
         })
         .await
     }

@@ -74,8 +74,14 @@ mod tests {
             parse("mongodb://h"),
             Err(SetupError::UnsupportedScheme { scheme }) if scheme == "mongodb"
         ));
-        assert!(matches!(parse("memory"), Err(SetupError::UnsupportedScheme { .. })));
-        assert!(matches!(parse(" "), Err(SetupError::UnsupportedScheme { .. })));
+        assert!(matches!(
+            parse("memory"),
+            Err(SetupError::UnsupportedScheme { .. })
+        ));
+        assert!(matches!(
+            parse(" "),
+            Err(SetupError::UnsupportedScheme { .. })
+        ));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   whole batch.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -78,8 +79,12 @@ impl Writer {
 
     pub(crate) async fn insert(&self, record: InboxRecord) -> Result<Inserted, StoreError> {
         crate::record::check(&record)?;
-        let stopped =
-            || StoreError::Unavailable(format!("{}: the store writer has stopped", self.backend.name()));
+        let stopped = || {
+            StoreError::Unavailable(format!(
+                "{}: the store writer has stopped",
+                self.backend.name()
+            ))
+        };
         let (reply, answer) = oneshot::channel();
         let wait = async {
             self.queue
@@ -163,7 +168,8 @@ impl Task {
         let mut out: Vec<Option<Result<bool, StoreError>>> = vec![None; recs.len()];
         // Ranges still to write; a refused range is split and its halves pushed back, the
         // first half on top so records are written in order.
-        let mut todo = vec![0..recs.len()];
+        let mut todo: Vec<Range<usize>> = Vec::with_capacity(8);
+        todo.push(0..recs.len());
         let mut gone: Option<StoreError> = None;
         while let Some(range) = todo.pop() {
             if let Some(e) = &gone {

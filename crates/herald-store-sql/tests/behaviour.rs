@@ -70,7 +70,10 @@ async fn idempotency(db: &TestDb) {
     let store = db.open().await;
     let s: &dyn Store = &store;
     assert_eq!(s.insert(rec("m1", "alice")).await.unwrap(), Inserted::New);
-    assert_eq!(s.insert(rec("m1", "alice")).await.unwrap(), Inserted::Duplicate);
+    assert_eq!(
+        s.insert(rec("m1", "alice")).await.unwrap(),
+        Inserted::Duplicate
+    );
     assert_eq!(
         s.insert(rec("m1", "bob")).await.unwrap(),
         Inserted::Duplicate,
@@ -79,7 +82,11 @@ async fn idempotency(db: &TestDb) {
     assert!(s.undelivered("bob", 10).await.unwrap().is_empty());
     // Exact comparison: no case folding, no trailing-space padding (MySQL collations).
     for id in ["M1", "m1 ", " m1", "m1\u{301}"] {
-        assert_eq!(s.insert(rec(id, "alice")).await.unwrap(), Inserted::New, "{id:?}");
+        assert_eq!(
+            s.insert(rec(id, "alice")).await.unwrap(),
+            Inserted::New,
+            "{id:?}"
+        );
     }
     // What goes in comes out: unicode, JSON text, trace id.
     let mut r = rec("m2", "Ålice ✓");
@@ -93,8 +100,14 @@ async fn idempotency(db: &TestDb) {
     assert_eq!(got[0].trace_id.as_deref(), Some("trace-ü"));
     assert_eq!(got[0].topic, "user/Ålice ✓");
     assert_eq!(got[0].status, InboxStatus::Pending);
-    assert!(s.list("ålice ✓", None, 10).await.unwrap().is_empty(), "users are case-sensitive");
-    assert!(s.list("Ålice ✓ ", None, 10).await.unwrap().is_empty(), "and space-exact");
+    assert!(
+        s.list("ålice ✓", None, 10).await.unwrap().is_empty(),
+        "users are case-sensitive"
+    );
+    assert!(
+        s.list("Ålice ✓ ", None, 10).await.unwrap().is_empty(),
+        "and space-exact"
+    );
     s.ping().await.unwrap();
 }
 
@@ -117,7 +130,10 @@ async fn concurrent_duplicates(db: &TestDb) {
             new[i] += 1;
         }
     }
-    assert!(new.iter().all(|n| *n == 1), "exactly one New per id: {new:?}");
+    assert!(
+        new.iter().all(|n| *n == 1),
+        "exactly one New per id: {new:?}"
+    );
     assert_eq!(store.list("carol", None, 1000).await.unwrap().len(), 50);
 }
 
@@ -133,10 +149,16 @@ async fn replay_order(db: &TestDb) {
     s.insert(rec_aged("a", "dave", 2 * HOUR)).await.unwrap();
     s.insert(rec("d", "dave")).await.unwrap();
     s.insert(rec("x", "erin")).await.unwrap();
-    assert_eq!(ids(&s.undelivered("dave", 10).await.unwrap()), ["a", "b", "c", "d"]);
+    assert_eq!(
+        ids(&s.undelivered("dave", 10).await.unwrap()),
+        ["a", "b", "c", "d"]
+    );
     assert_eq!(ids(&s.undelivered("dave", 2).await.unwrap()), ["a", "b"]);
     assert!(s.undelivered("dave", 0).await.unwrap().is_empty());
-    assert_eq!(ids(&s.list("dave", None, 10).await.unwrap()), ["d", "c", "b", "a"]);
+    assert_eq!(
+        ids(&s.list("dave", None, 10).await.unwrap()),
+        ["d", "c", "b", "a"]
+    );
     assert!(s.undelivered("nobody", 10).await.unwrap().is_empty());
 }
 
@@ -147,26 +169,41 @@ async fn sent_and_ack(db: &TestDb) {
         s.insert(rec(id, "frank")).await.unwrap();
     }
     s.insert(rec("g1", "grace")).await.unwrap();
-    s.mark_sent("frank", &strings(&["1", "2", "nope"])).await.unwrap();
+    s.mark_sent("frank", &strings(&["1", "2", "nope"]))
+        .await
+        .unwrap();
     s.mark_sent("frank", &[]).await.unwrap();
     let sent = s.list("frank", Some(InboxStatus::Sent), 10).await.unwrap();
     assert_eq!(ids(&sent), ["2", "1"]);
     assert!(sent[0].updated_at >= sent[0].created_at);
     // Sent messages are still undelivered until acked.
-    assert_eq!(ids(&s.undelivered("frank", 10).await.unwrap()), ["1", "2", "3"]);
+    assert_eq!(
+        ids(&s.undelivered("frank", 10).await.unwrap()),
+        ["1", "2", "3"]
+    );
 
     assert_eq!(
         s.ack("grace", &strings(&["1", "2"])).await.unwrap(),
         0,
         "another user's ack touches nothing"
     );
-    assert_eq!(s.ack("frank", &strings(&["g1"])).await.unwrap(), 0, "nor theirs");
     assert_eq!(
-        s.ack("frank", &strings(&["1", "1", "3", "nope"])).await.unwrap(),
+        s.ack("frank", &strings(&["g1"])).await.unwrap(),
+        0,
+        "nor theirs"
+    );
+    assert_eq!(
+        s.ack("frank", &strings(&["1", "1", "3", "nope"]))
+            .await
+            .unwrap(),
         2,
         "each unacked message of the user counts once"
     );
-    assert_eq!(s.ack("frank", &strings(&["1"])).await.unwrap(), 0, "already acked");
+    assert_eq!(
+        s.ack("frank", &strings(&["1"])).await.unwrap(),
+        0,
+        "already acked"
+    );
     assert_eq!(s.ack("frank", &[]).await.unwrap(), 0);
     assert_eq!(ids(&s.undelivered("frank", 10).await.unwrap()), ["2"]);
     assert_eq!(ids(&s.undelivered("grace", 10).await.unwrap()), ["g1"]);
@@ -188,8 +225,12 @@ async fn retries_and_failed(db: &TestDb) {
         s.insert(rec(id, "heidi")).await.unwrap();
     }
     s.mark_sent("heidi", &strings(&["r1", "r2"])).await.unwrap();
-    s.record_retry("heidi", &strings(&["r1", "r2", "r3"])).await.unwrap();
-    s.record_retry("heidi", &strings(&["r1", "r1"])).await.unwrap();
+    s.record_retry("heidi", &strings(&["r1", "r2", "r3"]))
+        .await
+        .unwrap();
+    s.record_retry("heidi", &strings(&["r1", "r1"]))
+        .await
+        .unwrap();
     s.record_retry("ivan", &strings(&["r1"])).await.unwrap();
     s.ack("heidi", &strings(&["r3"])).await.unwrap();
     s.record_retry("heidi", &strings(&["r3"])).await.unwrap();
@@ -203,12 +244,21 @@ async fn retries_and_failed(db: &TestDb) {
         "acked messages and other users' calls are not counted; repeats count once"
     );
 
-    s.mark_failed("heidi", &strings(&["r1", "r3"])).await.unwrap();
+    s.mark_failed("heidi", &strings(&["r1", "r3"]))
+        .await
+        .unwrap();
     s.mark_failed("ivan", &strings(&["r2"])).await.unwrap();
-    let failed = s.list("heidi", Some(InboxStatus::Failed), 10).await.unwrap();
+    let failed = s
+        .list("heidi", Some(InboxStatus::Failed), 10)
+        .await
+        .unwrap();
     assert_eq!(ids(&failed), ["r1"], "an acked message stays acked");
     let und = s.undelivered("heidi", 10).await.unwrap();
-    assert_eq!(ids(&und), ["r1", "r2"], "failed messages are still replayed");
+    assert_eq!(
+        ids(&und),
+        ["r1", "r2"],
+        "failed messages are still replayed"
+    );
     assert_eq!(und[0].status, InboxStatus::Failed);
     assert_eq!(und[1].status, InboxStatus::Sent);
     // A failed message can still be acked.
@@ -221,7 +271,9 @@ async fn list_filters(db: &TestDb) {
     for i in 0..6 {
         s.insert(rec(&format!("l{i}"), "judy")).await.unwrap();
     }
-    s.mark_sent("judy", &strings(&["l1", "l2", "l3"])).await.unwrap();
+    s.mark_sent("judy", &strings(&["l1", "l2", "l3"]))
+        .await
+        .unwrap();
     s.ack("judy", &strings(&["l2"])).await.unwrap();
     s.mark_failed("judy", &strings(&["l3"])).await.unwrap();
     assert_eq!(
@@ -231,16 +283,31 @@ async fn list_filters(db: &TestDb) {
     assert_eq!(ids(&s.list("judy", None, 2).await.unwrap()), ["l5", "l4"]);
     assert!(s.list("judy", None, 0).await.unwrap().is_empty());
     assert_eq!(
-        ids(&s.list("judy", Some(InboxStatus::Pending), 100).await.unwrap()),
+        ids(&s
+            .list("judy", Some(InboxStatus::Pending), 100)
+            .await
+            .unwrap()),
         ["l5", "l4", "l0"]
     );
     assert_eq!(
         ids(&s.list("judy", Some(InboxStatus::Pending), 1).await.unwrap()),
         ["l5"]
     );
-    assert_eq!(ids(&s.list("judy", Some(InboxStatus::Sent), 100).await.unwrap()), ["l1"]);
-    assert_eq!(ids(&s.list("judy", Some(InboxStatus::Acked), 100).await.unwrap()), ["l2"]);
-    assert_eq!(ids(&s.list("judy", Some(InboxStatus::Failed), 100).await.unwrap()), ["l3"]);
+    assert_eq!(
+        ids(&s.list("judy", Some(InboxStatus::Sent), 100).await.unwrap()),
+        ["l1"]
+    );
+    assert_eq!(
+        ids(&s.list("judy", Some(InboxStatus::Acked), 100).await.unwrap()),
+        ["l2"]
+    );
+    assert_eq!(
+        ids(&s
+            .list("judy", Some(InboxStatus::Failed), 100)
+            .await
+            .unwrap()),
+        ["l3"]
+    );
     assert!(s.list("nobody", None, 100).await.unwrap().is_empty());
 }
 
@@ -258,7 +325,10 @@ async fn purge_by_count(db: &TestDb) {
         max_age: 24 * HOUR,
     };
     assert_eq!(s.purge(keep3).await.unwrap(), 2, "ken's two oldest");
-    assert_eq!(ids(&s.list("ken", None, 10).await.unwrap()), ["k4", "k3", "k2"]);
+    assert_eq!(
+        ids(&s.list("ken", None, 10).await.unwrap()),
+        ["k4", "k3", "k2"]
+    );
     assert_eq!(ids(&s.list("lea", None, 10).await.unwrap()), ["l1", "l0"]);
     assert_eq!(s.purge(keep3).await.unwrap(), 0, "nothing left to purge");
     assert_eq!(
@@ -326,7 +396,10 @@ async fn concurrent_inserts_are_batched(db: &TestDb) {
         transactions < 1000,
         "1000 concurrent inserts took {transactions} transactions: not batched"
     );
-    eprintln!("{:?}: 1000 concurrent inserts in {transactions} transactions", db.kind);
+    eprintln!(
+        "{:?}: 1000 concurrent inserts in {transactions} transactions",
+        db.kind
+    );
     let mut seen = HashSet::new();
     for u in 0..10 {
         let list = store.list(&format!("user{u}"), None, 1000).await.unwrap();
@@ -349,7 +422,10 @@ async fn migrations_are_idempotent(db: &TestDb) {
     let (a, b) = tokio::join!(fresh.open(), fresh.open());
     assert_eq!(a.schema_version().await.unwrap(), SCHEMA_VERSION);
     assert_eq!(b.insert(rec("x", "olga")).await.unwrap(), Inserted::New);
-    assert_eq!(a.insert(rec("x", "olga")).await.unwrap(), Inserted::Duplicate);
+    assert_eq!(
+        a.insert(rec("x", "olga")).await.unwrap(),
+        Inserted::Duplicate
+    );
 }
 
 async fn reconnects_after_losing_connections(db: &TestDb) {
@@ -395,8 +471,7 @@ async fn locked_table_fails_promptly(db: &TestDb) {
     s.insert(rec("q0", "quinn")).await.unwrap();
     let blocker = db.block_writes().await;
     let start = Instant::now();
-    let results =
-        join_all((1..=20).map(|i| s.insert(rec(&format!("q{i}"), "quinn")))).await;
+    let results = join_all((1..=20).map(|i| s.insert(rec(&format!("q{i}"), "quinn")))).await;
     let waited = start.elapsed();
     assert!(
         results.iter().all(|r| r.is_err()),
@@ -445,7 +520,10 @@ async fn oversized_record_fails_alone(db: &TestDb) {
     assert!(err.to_string().contains("longer than 128"), "{err}");
     assert_eq!(results[2].as_ref().ok(), Some(&Inserted::New));
     let long_user = rec("ok3", &"u".repeat(256));
-    assert!(store.insert(long_user).await.is_err(), "user ids up to 255 characters");
+    assert!(
+        store.insert(long_user).await.is_err(),
+        "user ids up to 255 characters"
+    );
 }
 
 async fn refused_record_fails_alone(db: &TestDb) {
@@ -462,7 +540,11 @@ async fn refused_record_fails_alone(db: &TestDb) {
     let before = store.write_stats();
     // Queued together, so most share a batch with the poison.
     let results = join_all((0..40).map(|i| {
-        let id = if i == 20 { "poison".to_owned() } else { format!("fine{i}") };
+        let id = if i == 20 {
+            "poison".to_owned()
+        } else {
+            format!("fine{i}")
+        };
         store.insert(rec(&id, "sven"))
     }))
     .await;
@@ -475,7 +557,10 @@ async fn refused_record_fails_alone(db: &TestDb) {
     }
     assert_eq!(store.list("sven", None, 100).await.unwrap().len(), 39);
     let tx = store.write_stats().transactions - before.transactions;
-    assert!(tx > 1, "its batch was written again one record per transaction ({tx})");
+    assert!(
+        tx > 1,
+        "its batch was written again one record per transaction ({tx})"
+    );
     assert_eq!(
         store.insert(rec("fine0", "sven")).await.unwrap(),
         Inserted::Duplicate,
@@ -514,7 +599,10 @@ async fn two_writers_share_ids(db: &TestDb) {
     assert!(wrong.is_empty(), "ids not new exactly once: {wrong:?}");
     assert_eq!(a.list("tom", None, 1000).await.unwrap().len(), 500);
     let (sa, sb) = (a.write_stats(), b.write_stats());
-    eprintln!("{:?}: two writers, {} + {} transactions", db.kind, sa.transactions, sb.transactions);
+    eprintln!(
+        "{:?}: two writers, {} + {} transactions",
+        db.kind, sa.transactions, sb.transactions
+    );
 }
 
 /// The in-memory SQLite database runs the same lifecycle (one connection, shared).

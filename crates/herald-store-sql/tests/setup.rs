@@ -25,7 +25,10 @@ async fn fails(url: &str) -> (SetupError, Duration) {
 async fn unsupported_schemes_name_the_setting() {
     for url in ["mongodb://db/x", "memory", "", "redis://127.0.0.1:6379"] {
         let (e, _) = fails(url).await;
-        assert!(matches!(e, SetupError::UnsupportedScheme { .. }), "{url}: {e:?}");
+        assert!(
+            matches!(e, SetupError::UnsupportedScheme { .. }),
+            "{url}: {e:?}"
+        );
         let msg = e.to_string();
         assert!(msg.starts_with("store.url: unsupported scheme"), "{msg}");
     }
@@ -70,20 +73,32 @@ async fn silent_servers_time_out() {
         let msg = e.to_string();
         eprintln!("{url}: {msg} ({took:?})");
         assert!(took < Duration::from_secs(2), "{url} took {took:?}");
-        assert!(msg.contains("unreachable") && msg.contains("no answer within"), "{msg}");
+        assert!(
+            msg.contains("unreachable") && msg.contains("no answer within"),
+            "{msg}"
+        );
     }
 }
 
 #[tokio::test]
 async fn refused_connections_say_why() {
     let cases = [
-        ("postgres://nosuchrole@127.0.0.1:5432/test", "authentication failed"),
+        (
+            "postgres://nosuchrole@127.0.0.1:5432/test",
+            "authentication failed",
+        ),
         (
             "postgres://postgres@127.0.0.1:5432/herald_no_such_db",
             "database does not exist",
         ),
-        ("mysql://nosuchuser@127.0.0.1:3306/test", "authentication failed"),
-        ("mysql://root@127.0.0.1:3306/herald_no_such_db", "database does not exist"),
+        (
+            "mysql://nosuchuser@127.0.0.1:3306/test",
+            "authentication failed",
+        ),
+        (
+            "mysql://root@127.0.0.1:3306/herald_no_such_db",
+            "database does not exist",
+        ),
     ];
     for (url, cause) in cases {
         let (e, took) = fails(url).await;
@@ -98,9 +113,16 @@ async fn refused_connections_say_why() {
 #[tokio::test]
 async fn invalid_urls_name_the_setting() {
     let (e, _) = fails("postgres://postgres@127.0.0.1:notaport/test").await;
-    assert!(e.to_string().starts_with("store.url: invalid PostgreSQL URL"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("store.url: invalid PostgreSQL URL"),
+        "{e}"
+    );
     let (e, _) = fails("sqlite://x.db?mode=bogus").await;
-    assert!(e.to_string().starts_with("store.url: invalid SQLite URL"), "{e}");
+    assert!(
+        e.to_string().starts_with("store.url: invalid SQLite URL"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -111,7 +133,11 @@ async fn sqlite_directory_that_cannot_be_created() {
     let url = format!("sqlite://{}/sub/herald.db", blocker.display());
     let (e, _) = fails(&url).await;
     assert!(matches!(e, SetupError::CreateDir { .. }), "{e:?}");
-    assert!(e.to_string().starts_with("store.url: cannot create the directory"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("store.url: cannot create the directory"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -154,7 +180,10 @@ async fn sqlite_file_is_created_in_wal_mode_and_persists() {
     .fetch_all(&mut c)
     .await
     .unwrap();
-    assert!(names.contains(&"messages_user_status_created".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"messages_user_status_created".to_owned()),
+        "{names:?}"
+    );
     assert!(names.contains(&"messages_created".to_owned()), "{names:?}");
     c.close().await.unwrap();
 

@@ -67,9 +67,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone()).context("cannot install signal handlers")?;
 
-    let listener = TcpListener::bind(config.server.listen)
+    // Connect the backends before anything listens: a bad store URL fails here, before the
+    // `listening on` line.
+    let listen = config.server.listen;
+    let log_fields = (
+        config.server.node_id.clone(),
+        redact_url(&config.store.url),
+        redact_url(&config.bus.url),
+    );
+    let node = herald_server::Node::start(config.clone(), shutdown.clone())
         .await
-        .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+        .context("cannot start")?;
+
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
     let addr = listener
         .local_addr()
         .context("cannot read the listening address")?;
@@ -83,20 +95,33 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .and_then(|()| out.flush())
             .context("cannot write to stdout")?;
     }
-    tracing::info!(
-        %addr,
-        node_id = %config.server.node_id,
-        store = %config.store.url,
-        bus = %config.bus.url,
-        dev = dev.is_some(),
-        "herald listening"
-    );
+    let (node_id, store, bus) = log_fields;
+    tracing::info!(%addr, %node_id, %store, %bus, dev = dev.is_some(), "herald listening");
 
-    herald_server::run(config, listener, shutdown)
-        .await
-        .context("server failed")?;
+    node.serve(listener).await.context("server failed")?;
     tracing::info!("drained, exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A URL with its password replaced by `***`, for logs.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let redacted = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    match path {
+        Some(p) => format!("{scheme}://{redacted}/{p}"),
+        None => format!("{scheme}://{redacted}"),
+    }
 }
 
 pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
@@ -206,7 +231,7 @@ fn print_dev_banner(
     writeln!(out)?;
     writeln!(
         out,
-        "  Herald dev mode: in-memory store and bus, random secrets, nothing persisted."
+        "  Herald dev mode: SQLite store in data/herald.db, in-memory bus, random secrets (tokens stop working on restart)."
     )?;
     writeln!(out)?;
     match &token {
@@ -242,4 +267,27 @@ fn print_dev_banner(
         token.as_deref().unwrap_or("TOKEN")
     )?;
     writeln!(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(
+            redact_url("postgres://u:pw@db:5432/herald?x=1"),
+            "postgres://u:***@db:5432/herald?x=1"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1/test"),
+            "mysql://root@127.0.0.1/test"
+        );
+        assert_eq!(redact_url("redis://:secret@h:6379"), "redis://:***@h:6379");
+        assert_eq!(
+            redact_url("sqlite://data/herald.db"),
+            "sqlite://data/herald.db"
+        );
+        assert_eq!(redact_url("memory"), "memory");
+    }
 }

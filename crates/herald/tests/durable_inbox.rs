@@ -144,7 +144,7 @@ async fn every_api_error_is_json() {
 
 #[tokio::test]
 async fn unacked_messages_are_retransmitted_then_failed_and_replayed() {
-    let server = Server::start("[store]\nretry_after = \"300ms\"\nmax_retries = 2\n").await;
+    let server = Server::start("[store]\nretry_after = \"1s\"\nmax_retries = 2\n").await;
     let mut ws = server.connect_user("finn").await;
     let (s, body) = server
         .api_post(

@@ -99,7 +99,7 @@ impl TestDb {
 
     fn config(&self, extra: &str) -> String {
         format!(
-            "[store]\nurl = \"{}\"\nretry_after = \"300ms\"\nmax_retries = 1\n{extra}",
+            "[store]\nurl = \"{}\"\nretry_after = \"1s\"\nmax_retries = 1\n{extra}",
             self.url
         )
     }

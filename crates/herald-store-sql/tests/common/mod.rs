@@ -134,9 +134,7 @@ impl TestDb {
                 .expect("processlist");
                 for id in &ids {
                     // A connection may have ended meanwhile.
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}")))
-                        .execute(&mut c)
-                        .await;
+                    let _ = sqlx::query(&format!("KILL {id}")).execute(&mut c).await;
                 }
                 ids.len()
             }
@@ -146,7 +144,6 @@ impl TestDb {
 
     /// Runs one statement in the database under test, beside the store.
     pub async fn execute(&self, sql: &str) {
-        let sql = sqlx::AssertSqlSafe(sql.to_owned());
         let result = match self.kind {
             Kind::Postgres => match sqlx::PgConnection::connect(&self.url).await {
                 Ok(mut c) => sqlx::query(sql).execute(&mut c).await.map(drop),
@@ -173,9 +170,9 @@ impl TestDb {
                     .await
                     .expect("blocker connection");
                 sqlx::query("BEGIN").execute(&mut c).await.expect("begin");
-                sqlx::query(sqlx::AssertSqlSafe(format!(
+                sqlx::query(&format!(
                     "LOCK TABLE {schema}.messages IN ACCESS EXCLUSIVE MODE"
-                )))
+                ))
                 .execute(&mut c)
                 .await
                 .expect("lock");
@@ -216,7 +213,10 @@ impl Blocker {
     pub async fn release(self) {
         match self {
             Blocker::Pg(mut c) => {
-                sqlx::query("ROLLBACK").execute(&mut c).await.expect("unlock");
+                sqlx::query("ROLLBACK")
+                    .execute(&mut c)
+                    .await
+                    .expect("unlock");
             }
             Blocker::My(mut c) => {
                 sqlx::query("UNLOCK TABLES")
@@ -225,7 +225,10 @@ impl Blocker {
                     .expect("unlock");
             }
             Blocker::Lite(mut c) => {
-                sqlx::query("ROLLBACK").execute(&mut c).await.expect("unlock");
+                sqlx::query("ROLLBACK")
+                    .execute(&mut c)
+                    .await
+                    .expect("unlock");
             }
         }
     }
@@ -259,7 +262,6 @@ impl Drop for TestDb {
 
 /// Runs one statement on the shared server as its administrator.
 async fn admin(kind: Kind, sql: &str) {
-    let sql = sqlx::AssertSqlSafe(sql.to_owned());
     let result = match kind {
         Kind::Postgres => match sqlx::PgConnection::connect(POSTGRES).await {
             Ok(mut c) => sqlx::query(sql).execute(&mut c).await.map(drop),

@@ -207,3 +207,47 @@ async fn concurrent_publishers_yield_gapless_increasing_seq() {
     }
     assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
 }
+
+#[tokio::test]
+async fn a_resume_larger_than_the_queue_says_recovered_false_instead_of_dropping() {
+    let server = Server::start(&format!("{RULES}\n[limits]\nsend_queue = 8\n")).await;
+    for n in 1..=30 {
+        server.publish("room/big", "tick", json!({"n": n})).await;
+    }
+    // 30 missed messages cannot be queued whole on an 8-slot queue: the client is told, and
+    // gets none of them rather than a silently truncated run.
+    let mut ws = server.connect_user("joe").await;
+    let id = ws.next_id();
+    let r = ws
+        .request(json!({"type": "subscribe", "id": id, "topic": "room/big", "since": 0}))
+        .await;
+    assert_eq!(
+        (
+            r["code"].as_i64(),
+            r["recovered"].as_bool(),
+            r["seq"].as_u64()
+        ),
+        (Some(0), Some(false), Some(30)),
+        "{r}"
+    );
+    ws.expect_no_message(Duration::from_millis(300)).await;
+
+    // A gap that fits is recovered whole.
+    let mut ws = server.connect_user("joe").await;
+    let id = ws.next_id();
+    let (r, early) = ws
+        .request_with_others(
+            json!({"type": "subscribe", "id": id, "topic": "room/big", "since": 26}),
+        )
+        .await;
+    assert_eq!(r["recovered"], true, "{r}");
+    let mut got: Vec<u64> = early.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    while got.len() < 4 {
+        got.push(
+            ws.recv_message("room/big").await["seq"]
+                .as_u64()
+                .expect("seq"),
+        );
+    }
+    assert_eq!(got, vec![27, 28, 29, 30]);
+}

@@ -511,6 +511,29 @@ macro_rules! push_insert {
     };
 }
 
+/// One transaction of multi-row `INSERT … ON CONFLICT (id) DO NOTHING RETURNING id` (SQLite
+/// and PostgreSQL, which differ only in their sqlx database type): which records were new.
+macro_rules! insert_returning {
+    ($pool:expr, $db:ty, $recs:expr) => {{
+        let recs = $recs;
+        let mut tx = $pool.begin().await?;
+        let mut new: HashSet<String> = HashSet::with_capacity(recs.len());
+        for range in statements(recs) {
+            let mut qb = QueryBuilder::<$db>::new("INSERT");
+            push_insert!(qb, &recs[range]);
+            qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+            let ids: Vec<String> = qb
+                .build_query_scalar()
+                .persistent(false)
+                .fetch_all(&mut *tx)
+                .await?;
+            new.extend(ids);
+        }
+        tx.commit().await?;
+        Ok(recs.iter().map(|r| new.contains(&r.id)).collect())
+    }};
+}
+
 /// Writes `recs` (distinct ids) in one transaction, skipping ids that exist; says for each
 /// whether it was new. Returns only after COMMIT; on error everything was rolled back.
 pub(crate) async fn insert_batch(
@@ -522,41 +545,9 @@ pub(crate) async fn insert_batch(
     }
     match pool {
         #[cfg(feature = "sqlite")]
-        Pool::Sqlite(p) => {
-            let mut tx = p.begin().await?;
-            let mut new: HashSet<String> = HashSet::with_capacity(recs.len());
-            for range in statements(recs) {
-                let mut qb = QueryBuilder::<sqlx::Sqlite>::new("INSERT");
-                push_insert!(qb, &recs[range]);
-                qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                let ids: Vec<String> = qb
-                    .build_query_scalar()
-                    .persistent(false)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                new.extend(ids);
-            }
-            tx.commit().await?;
-            Ok(recs.iter().map(|r| new.contains(&r.id)).collect())
-        }
+        Pool::Sqlite(p) => insert_returning!(p, sqlx::Sqlite, recs),
         #[cfg(feature = "postgres")]
-        Pool::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            let mut new: HashSet<String> = HashSet::with_capacity(recs.len());
-            for range in statements(recs) {
-                let mut qb = QueryBuilder::<sqlx::Postgres>::new("INSERT");
-                push_insert!(qb, &recs[range]);
-                qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                let ids: Vec<String> = qb
-                    .build_query_scalar()
-                    .persistent(false)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                new.extend(ids);
-            }
-            tx.commit().await?;
-            Ok(recs.iter().map(|r| new.contains(&r.id)).collect())
-        }
+        Pool::Postgres(p) => insert_returning!(p, sqlx::Postgres, recs),
         // MySQL has no RETURNING: select the ids that exist, insert the others with INSERT
         // IGNORE, and trust the affected-row count when it settles the question (all or none
         // inserted). Anything in between means another writer inserted some of these ids

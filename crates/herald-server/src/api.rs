@@ -327,6 +327,8 @@ async fn user_inbox(
     headers: HeaderMap,
 ) -> ApiResult {
     authorize(&state, &headers, Scope::Admin)?;
+    // Same rule as everywhere a user id is taken: it must be a topic segment.
+    Topic::user(&user).map_err(|e| err(&state, e.into()))?;
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(InboxStatus::parse(s).ok_or_else(|| {

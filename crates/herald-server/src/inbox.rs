@@ -126,7 +126,12 @@ impl Inbox {
         let due = self.due(Instant::now(), |u| hub.user_connection_count(u) > 0);
         let mut retried: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for (user, msg) in due.resend {
-            hub.deliver_to_user(&user, &msg);
+            let d = hub.deliver_to_user(&user, &msg);
+            metrics.dropped_queue_full.increment(d.dropped as u64);
+            if d.slow_closed > 0 {
+                metrics.slow_consumers.increment(d.slow_closed as u64);
+                metrics.dropped_slow_consumer.increment(d.discarded as u64);
+            }
             retried.entry(user).or_default().push(msg.id.to_string());
         }
         for (user, ids) in retried {

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -504,7 +505,8 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
             }
             close = conn.queue.drain(&mut batch, BATCH) => {
                 if !batch.is_empty() {
-                    match timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch, &mut recent_durable)).await {
+                    let write = write_batch(state, ws, &conn, &mut batch, &mut recent_durable);
+                    match bounded(limits.write_timeout, write).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return "write_error",
                         Err(_) => {
@@ -532,6 +534,20 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
                 return "token_expired";
             }
         }
+    }
+}
+
+/// `fut` bounded by `limit`, without a timer when it completes on its first poll: a socket
+/// write almost always does, and arming and cancelling a timer per delivery showed in the
+/// fanout profile. Only a write that has to wait for the socket gets the deadline.
+async fn bounded<F: Future>(
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        Poll::Ready(out) => Ok(out),
+        Poll::Pending => timeout(limit, fut).await,
     }
 }
 

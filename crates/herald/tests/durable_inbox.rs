@@ -1,6 +1,7 @@
-//! The in-memory durable inbox: every tab of the user gets an inbox message whatever it
-//! subscribed to; a backlog larger than the send queue never locks the user out; duplicate
-//! ids are flagged and delivered once.
+//! The durable inbox on the memory store: every tab of the user gets an inbox message whatever
+//! it subscribed to; a backlog larger than the send queue never locks the user out; duplicate
+//! ids are flagged and delivered once. Retransmission, failure and replay are exercised on
+//! every store, this one included, in `durable_sql.rs`.
 
 mod common;
 
@@ -140,65 +141,4 @@ async fn every_api_error_is_json() {
     assert_eq!(r.status().as_u16(), 404);
     let v: serde_json::Value = r.json().await.expect("404 body is JSON");
     assert_eq!(v["code"], 404);
-}
-
-#[tokio::test]
-async fn unacked_messages_are_retransmitted_then_failed_and_replayed() {
-    let server = Server::start("[store]\nretry_after = \"1s\"\nmax_retries = 2\n").await;
-    let mut ws = server.connect_user("finn").await;
-    let (s, body) = server
-        .api_post(
-            "/api/v1/users/finn/messages",
-            &server.publish_key,
-            &json!({"event": "n", "data": {"k": 1}}),
-        )
-        .await;
-    assert_eq!(s, 200, "{body}");
-    let id = body["id"].as_str().expect("id").to_owned();
-    // The first delivery, then two retransmissions of the same id (never acked).
-    for attempt in 0..3 {
-        let m = ws.recv_message("user/finn").await;
-        assert_eq!(m["id"], id.as_str(), "attempt {attempt}: {m}");
-        assert_eq!(m["ack"], true);
-    }
-    // Then it is marked failed (kept), and sent no more.
-    let path = "/api/v1/users/finn/messages?status=failed";
-    common::eventually(Duration::from_secs(5), "message marked failed", || async {
-        let (_, v) = server.api_get(path, &server.admin_key).await;
-        v["messages"]
-            .as_array()
-            .is_some_and(|a| a.len() == 1 && a[0]["retry_count"] == 2)
-    })
-    .await;
-    ws.expect_no_message(Duration::from_millis(300)).await;
-    let metrics = server.metrics().await;
-    assert_eq!(
-        common::metric_sum(&metrics, "herald_durable_retries_total", &[]),
-        Some(2.0),
-        "{metrics}"
-    );
-    assert_eq!(
-        common::metric_sum(&metrics, "herald_durable_failed_total", &[]),
-        Some(1.0),
-        "{metrics}"
-    );
-    ws.close().await;
-
-    // A failed message is replayed on the next connect; acking it ends it.
-    let mut ws = server.connect_user("finn").await;
-    let m = ws.recv_message("user/finn").await;
-    assert_eq!(m["id"], id.as_str());
-    let rid = ws.next_id();
-    let r = ws
-        .request(json!({"type": "ack", "id": rid, "ids": [id]}))
-        .await;
-    assert_eq!(r["acked"], 1, "{r}");
-    ws.expect_no_message(Duration::from_millis(300)).await;
-    let (_, v) = server
-        .api_get(
-            "/api/v1/users/finn/messages?status=acked",
-            &server.admin_key,
-        )
-        .await;
-    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1), "{v}");
 }

@@ -1,4 +1,4 @@
-//! Durable delivery on the three SQL stores, against the real servers of this machine
+//! Durable delivery on the three SQL stores (and the memory store where it applies), against the real servers of this machine
 //! (SQLite in a temporary directory, PostgreSQL in a random schema, MariaDB in a random
 //! database; each dropped afterwards):
 //! - a message published while the user is offline arrives on the next connect, is
@@ -24,6 +24,8 @@ const QUIET: Duration = Duration::from_millis(300);
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
+    /// The in-process store (no persistence: not for the restart scenario).
+    Memory,
     Sqlite,
     Postgres,
     Mysql,
@@ -55,7 +57,7 @@ fn admin(kind: Kind, sql: &str) {
         Kind::Mysql => Command::new("mariadb")
             .args(["-h", "127.0.0.1", "-uroot", "-e", sql])
             .status(),
-        Kind::Sqlite => return,
+        Kind::Memory | Kind::Sqlite => return,
     };
     assert!(status.is_ok_and(|s| s.success()), "{kind:?}: {sql}");
 }
@@ -64,6 +66,12 @@ impl TestDb {
     fn new(kind: Kind) -> TestDb {
         let name = format!("herald_t_{}", common::random_hex(12));
         match kind {
+            Kind::Memory => TestDb {
+                kind,
+                name,
+                url: "memory".into(),
+                _dir: None,
+            },
             Kind::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite://{}", dir.path().join("herald.db").display());
@@ -113,7 +121,7 @@ impl Drop for TestDb {
                 &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
             ),
             Kind::Mysql => admin(self.kind, &format!("DROP DATABASE IF EXISTS {}", self.name)),
-            Kind::Sqlite => {}
+            Kind::Memory | Kind::Sqlite => {}
         }
     }
 }
@@ -166,6 +174,17 @@ async fn offline_retransmit_fail_replay_ack(kind: Kind) {
     })
     .await;
     ws.expect_no_message(QUIET).await;
+    let metrics = server.metrics().await;
+    for (name, want) in [
+        ("herald_durable_retries_total", 1.0),
+        ("herald_durable_failed_total", 1.0),
+    ] {
+        assert_eq!(
+            common::metric_sum(&metrics, name, &[]),
+            Some(want),
+            "{name}: {metrics}"
+        );
+    }
     ws.close().await;
 
     // Replayed on the next connect; acked exactly once; not replayed again.
@@ -269,6 +288,17 @@ macro_rules! on_every_store {
 on_every_store!(offline_retransmit_fail_replay_ack);
 on_every_store!(survives_sigkill_after_200);
 on_every_store!(same_id_twice_one_row_one_delivery);
+
+// The in-process store has the same semantics, except surviving a restart.
+#[tokio::test]
+async fn memory_offline_retransmit_fail_replay_ack() {
+    offline_retransmit_fail_replay_ack(Kind::Memory).await
+}
+
+#[tokio::test]
+async fn memory_same_id_twice_one_row_one_delivery() {
+    same_id_twice_one_row_one_delivery(Kind::Memory).await
+}
 
 /// A TCP proxy to PostgreSQL that the test can cut (refusing and dropping connections) and
 /// restore: from the gateway's side, the database goes down and comes back.

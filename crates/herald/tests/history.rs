@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Server;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const RULES: &str = r#"
 [[topics]]
@@ -24,6 +24,30 @@ pattern = "device/*/telemetry"
 subscribe = "allow"
 retain = true
 "#;
+
+/// Subscribe to `topic` with `since` and collect the `n` replayed messages (some may arrive
+/// before the reply): the reply and the messages in arrival order.
+async fn resume(ws: &mut common::Ws, topic: &str, since: u64, n: usize) -> (Value, Vec<Value>) {
+    let id = ws.next_id();
+    let (reply, early) = ws
+        .request_with_others(json!({"type": "subscribe", "id": id, "topic": topic, "since": since}))
+        .await;
+    let mut got: Vec<Value> = early
+        .into_iter()
+        .filter(|f| f["type"] == "message")
+        .collect();
+    while got.len() < n {
+        got.push(ws.recv_message(topic).await);
+    }
+    (reply, got)
+}
+
+fn seqs(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
+}
 
 #[tokio::test]
 async fn resume_gets_exactly_the_missed_messages_in_order() {
@@ -45,27 +69,11 @@ async fn resume_gets_exactly_the_missed_messages_in_order() {
         server.publish("room/live", "tick", json!({"n": n})).await;
     }
     let mut ws = server.connect_user("fay").await;
-    let id = ws.next_id();
-    let (reply, early) = ws
-        .request_with_others(
-            json!({"type": "subscribe", "id": id, "topic": "room/live", "since": 1}),
-        )
-        .await;
+    let (reply, got) = resume(&mut ws, "room/live", 1, 50).await;
     assert_eq!(reply["code"], 0, "{reply}");
     assert_eq!(reply["recovered"], true, "{reply}");
     assert_eq!(reply["seq"], 51, "{reply}");
-    let mut got: Vec<serde_json::Value> = early
-        .into_iter()
-        .filter(|f| f["type"] == "message")
-        .collect();
-    while got.len() < 50 {
-        got.push(ws.recv_message("room/live").await);
-    }
-    let seqs: Vec<u64> = got
-        .iter()
-        .map(|m| m["seq"].as_u64().expect("seq"))
-        .collect();
-    assert_eq!(seqs, (2..=51).collect::<Vec<u64>>());
+    assert_eq!(seqs(&got), (2..=51).collect::<Vec<u64>>());
     let ns: Vec<i64> = got
         .iter()
         .map(|m| m["data"]["n"].as_i64().expect("n"))
@@ -102,22 +110,9 @@ async fn a_gap_older_than_the_history_is_reported_not_hidden() {
 
     // Within the window (the last 10: seq 21..30) it is complete.
     let mut ws2 = server.connect_user("gus").await;
-    let id = ws2.next_id();
-    let (r, early) = ws2
-        .request_with_others(
-            json!({"type": "subscribe", "id": id, "topic": "small/t", "since": 25}),
-        )
-        .await;
+    let (r, got) = resume(&mut ws2, "small/t", 25, 5).await;
     assert_eq!(r["recovered"], true, "{r}");
-    let mut got: Vec<u64> = early.iter().filter_map(|m| m["seq"].as_u64()).collect();
-    while got.len() < 5 {
-        got.push(
-            ws2.recv_message("small/t").await["seq"]
-                .as_u64()
-                .expect("seq"),
-        );
-    }
-    assert_eq!(got, vec![26, 27, 28, 29, 30]);
+    assert_eq!(seqs(&got), vec![26, 27, 28, 29, 30]);
 
     // A seq this history never issued (e.g. from before a restart) is a gap too.
     let id = ws2.next_id();
@@ -234,20 +229,7 @@ async fn a_resume_larger_than_the_queue_says_recovered_false_instead_of_dropping
 
     // A gap that fits is recovered whole.
     let mut ws = server.connect_user("joe").await;
-    let id = ws.next_id();
-    let (r, early) = ws
-        .request_with_others(
-            json!({"type": "subscribe", "id": id, "topic": "room/big", "since": 26}),
-        )
-        .await;
+    let (r, got) = resume(&mut ws, "room/big", 26, 4).await;
     assert_eq!(r["recovered"], true, "{r}");
-    let mut got: Vec<u64> = early.iter().filter_map(|m| m["seq"].as_u64()).collect();
-    while got.len() < 4 {
-        got.push(
-            ws.recv_message("room/big").await["seq"]
-                .as_u64()
-                .expect("seq"),
-        );
-    }
-    assert_eq!(got, vec![27, 28, 29, 30]);
+    assert_eq!(seqs(&got), vec![27, 28, 29, 30]);
 }

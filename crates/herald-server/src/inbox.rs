@@ -127,11 +127,7 @@ impl Inbox {
         let mut retried: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for (user, msg) in due.resend {
             let d = hub.deliver_to_user(&user, &msg);
-            metrics.dropped_queue_full.increment(d.dropped as u64);
-            if d.slow_closed > 0 {
-                metrics.slow_consumers.increment(d.slow_closed as u64);
-                metrics.dropped_slow_consumer.increment(d.discarded as u64);
-            }
+            metrics.delivery(&d);
             retried.entry(user).or_default().push(msg.id.to_string());
         }
         for (user, ids) in retried {

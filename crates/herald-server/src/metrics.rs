@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use herald_core::hub::HubStats;
+use herald_core::hub::{Delivery, HubStats};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -93,6 +93,18 @@ impl Metrics {
             durable_retries: counter!("herald_durable_retries_total"),
             durable_failed: counter!("herald_durable_failed_total"),
             publish_to_write: histogram!("herald_publish_to_write_seconds"),
+        }
+    }
+
+    /// Count what a fanout dropped: messages over full queues, and connections it closed as
+    /// slow consumers with the messages discarded with them.
+    pub fn delivery(&self, d: &Delivery) {
+        if d.dropped > 0 {
+            self.dropped_queue_full.increment(d.dropped as u64);
+        }
+        if d.slow_closed > 0 {
+            self.slow_consumers.increment(d.slow_closed as u64);
+            self.dropped_slow_consumer.increment(d.discarded as u64);
         }
     }
 

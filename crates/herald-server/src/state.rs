@@ -68,15 +68,7 @@ impl BusSink for Router {
             Some(user) => self.hub.deliver_to_user(user, &msg),
             None => self.hub.deliver(&msg),
         };
-        if d.dropped > 0 {
-            self.metrics.dropped_queue_full.increment(d.dropped as u64);
-        }
-        if d.slow_closed > 0 {
-            self.metrics.slow_consumers.increment(d.slow_closed as u64);
-            self.metrics
-                .dropped_slow_consumer
-                .increment(d.discarded as u64);
-        }
+        self.metrics.delivery(&d);
         if let Some(trace_id) = msg.trace_id.as_deref() {
             tracing::debug!(trace_id, topic = %msg.topic, id = %msg.id, queued = d.queued, dropped = d.dropped, "fanout");
         }

@@ -42,6 +42,22 @@ async fn resume(ws: &mut common::Ws, topic: &str, since: u64, n: usize) -> (Valu
     (reply, got)
 }
 
+/// Subscribe with `since` and expect `recovered:false` at `latest`, with nothing replayed.
+async fn expect_not_recovered(ws: &mut common::Ws, topic: &str, since: u64, latest: u64) {
+    let (r, early) = resume(ws, topic, since, 0).await;
+    assert_eq!(
+        (
+            r["code"].as_i64(),
+            r["recovered"].as_bool(),
+            r["seq"].as_u64()
+        ),
+        (Some(0), Some(false), Some(latest)),
+        "{r}"
+    );
+    assert!(early.is_empty(), "nothing may be replayed: {early:?}");
+    ws.expect_no_message(Duration::from_millis(300)).await;
+}
+
 fn seqs(messages: &[Value]) -> Vec<u64> {
     messages
         .iter()
@@ -93,20 +109,7 @@ async fn a_gap_older_than_the_history_is_reported_not_hidden() {
         server.publish("small/t", "tick", json!({"n": n})).await;
     }
     let mut ws = server.connect_user("gus").await;
-    let id = ws.next_id();
-    let r = ws
-        .request(json!({"type": "subscribe", "id": id, "topic": "small/t", "since": 5}))
-        .await;
-    assert_eq!(
-        (
-            r["code"].as_i64(),
-            r["recovered"].as_bool(),
-            r["seq"].as_u64()
-        ),
-        (Some(0), Some(false), Some(30)),
-        "{r}"
-    );
-    ws.expect_no_message(Duration::from_millis(300)).await;
+    expect_not_recovered(&mut ws, "small/t", 5, 30).await;
 
     // Within the window (the last 10: seq 21..30) it is complete.
     let mut ws2 = server.connect_user("gus").await;
@@ -212,20 +215,7 @@ async fn a_resume_larger_than_the_queue_says_recovered_false_instead_of_dropping
     // 30 missed messages cannot be queued whole on an 8-slot queue: the client is told, and
     // gets none of them rather than a silently truncated run.
     let mut ws = server.connect_user("joe").await;
-    let id = ws.next_id();
-    let r = ws
-        .request(json!({"type": "subscribe", "id": id, "topic": "room/big", "since": 0}))
-        .await;
-    assert_eq!(
-        (
-            r["code"].as_i64(),
-            r["recovered"].as_bool(),
-            r["seq"].as_u64()
-        ),
-        (Some(0), Some(false), Some(30)),
-        "{r}"
-    );
-    ws.expect_no_message(Duration::from_millis(300)).await;
+    expect_not_recovered(&mut ws, "room/big", 0, 30).await;
 
     // A gap that fits is recovered whole.
     let mut ws = server.connect_user("joe").await;

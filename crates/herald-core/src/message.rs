@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use herald_proto::json::{MessageFrame, encode_message};
+use herald_proto::json::{MessageFrame, encode_message, encode_message_framed};
+use herald_proto::ws::Framed;
 use serde_json::value::RawValue;
 
 use crate::topic::Topic;
@@ -33,7 +34,7 @@ pub struct Message {
     pub durable: bool,
     /// When this node received it (for the publish-to-write latency histogram).
     pub received_at: Instant,
-    json: OnceLock<Bytes>,
+    encoded: OnceLock<Framed>,
 }
 
 /// Fields of a new message; [`MessageBuilder::build`] fills the rest.
@@ -77,7 +78,7 @@ impl MessageBuilder {
             trace_id: self.trace_id.map(String::into_boxed_str),
             durable: self.durable,
             received_at: Instant::now(),
-            json: OnceLock::new(),
+            encoded: OnceLock::new(),
         }
     }
 }
@@ -85,7 +86,18 @@ impl MessageBuilder {
 impl Message {
     /// The JSON v1 `message` frame, encoded on first use and shared afterwards.
     pub fn json_frame(&self) -> &Bytes {
-        self.json.get_or_init(|| encode_message(&self.frame(false)))
+        &self.encoded().json
+    }
+
+    /// The same frame as a WebSocket text frame (header included), sharing the buffer of
+    /// [`Message::json_frame`]: every WebSocket subscriber writes these very bytes.
+    pub fn ws_frame(&self) -> &Bytes {
+        &self.encoded().frame
+    }
+
+    fn encoded(&self) -> &Framed {
+        self.encoded
+            .get_or_init(|| encode_message_framed(&self.frame(false)))
     }
 
     /// The JSON v1 frame flagged `retained:true` (sent once per new subscriber; not cached).
@@ -138,6 +150,13 @@ mod tests {
         let a = m.json_frame().clone();
         let b = m.json_frame().clone();
         assert_eq!(a.as_ptr(), b.as_ptr(), "the same encoded bytes are shared");
+        let ws = m.ws_frame();
+        assert_eq!(
+            &ws[ws.len() - a.len()..],
+            &a[..],
+            "the text frame wraps the same JSON"
+        );
+        assert_eq!(ws[0], 0x81);
         assert_eq!(m.id.len(), 26);
         let v: serde_json::Value = serde_json::from_slice(&m.json_frame_retained()).unwrap();
         assert_eq!(v["retained"], true);

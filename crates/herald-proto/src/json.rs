@@ -329,6 +329,25 @@ pub fn encode_message(m: &MessageFrame<'_>) -> Bytes {
     encode("message", m)
 }
 
+/// The `message` frame as JSON and as the WebSocket text frame carrying it, one buffer.
+pub fn encode_message_framed(m: &MessageFrame<'_>) -> crate::ws::Framed {
+    crate::ws::frame_json(|v| {
+        let start = v.len();
+        // Cannot fail (see `encode`); an empty frame is the harmless fallback.
+        if serde_json::to_writer(
+            &mut *v,
+            &Tagged {
+                kind: "message",
+                body: m,
+            },
+        )
+        .is_err()
+        {
+            v.truncate(start);
+        }
+    })
+}
+
 /// `{"type":"welcome",…}`.
 pub fn encode_welcome(conn_id: &str, user_id: &str, node_id: &str, heartbeat_ms: u64) -> Bytes {
     #[derive(Serialize)]

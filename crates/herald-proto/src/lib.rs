@@ -5,9 +5,12 @@
 //!   encoding every server frame (welcome, reply, error, message, reconnect, pong) into
 //!   [`bytes::Bytes`] that can be shared between connections.
 //! - [`close`]: the WebSocket close codes of the protocol.
+//! - [`ws`]: WebSocket framing (RFC 6455, server side): client frames decoded and unmasked in
+//!   place, server frames encoded once and shared between connections.
 //!
 //! Everything here is pure: bytes in, values out (and back), so it can be unit-tested and
 //! fuzzed on bytes alone.
 
 pub mod close;
 pub mod json;
+pub mod ws;

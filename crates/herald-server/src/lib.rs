@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod publish;
 pub mod state;
 pub mod ws;
+pub mod wsio;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,8 +11,9 @@
 //! One task per connection owns the socket. It waits on four things at once:
 //! - a client frame (requests are handled inline; their replies go through the queue so that
 //!   replies and messages leave in one order and are coalesced into one flush);
-//! - the connection's [`ConnQueue`](herald_core::queue::ConnQueue), drained in batches: every
-//!   frame of a batch is fed to the socket, then flushed once (write coalescing);
+//! - the connection's [`ConnQueue`](herald_core::queue::ConnQueue), drained in batches: a
+//!   batch leaves in one vectored write of frames encoded before (a message's WebSocket frame
+//!   is encoded once and shared by every subscriber; see [`crate::wsio`]);
 //! - the heartbeat tick: a Ping every `heartbeat_interval`; a client silent (no frame, no pong)
 //!   for `heartbeat_timeout` is closed with 1001;
 //! - token expiry: closed with 4010 unless an `auth` frame refreshed it.
@@ -34,7 +35,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::FutureExt;
 use herald_core::acl::Action;
 use herald_core::error::{Error, Origin};
 use herald_core::history::Recovery;
@@ -45,22 +46,24 @@ use herald_core::queue::{CloseRequest, ConnQueue, Outgoing};
 use herald_core::topic::Topic;
 use herald_proto::close;
 use herald_proto::json::{self, ClientFrame, PONG, Request as ClientRequest, Subscribe};
+use herald_proto::ws::{self as frame, FrameError, Message as WsMessage, OpCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
+use tokio::net::TcpStream;
 use tokio::time::{Sleep, sleep_until, timeout};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message as WsMessage, Utf8Bytes};
+use tokio_tungstenite::tungstenite;
 
 use crate::api::json_error;
 use crate::publish::{PublishRequest, publish};
 use crate::state::AppState;
+use crate::wsio::{WsError, WsSocket};
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Ws = WsSocket;
 
-/// Frames written per batch before one flush.
+/// Frames written per batch (one vectored write when the socket takes them all).
 const BATCH: usize = 256;
+/// Batch capacity kept between bursts.
+const KEEP_BATCH: usize = 16;
 /// Durable messages replayed on connect, at most.
 const REPLAY_LIMIT: usize = 1000;
 
@@ -104,7 +107,7 @@ pub async fn handler(
     let credential = credential_from(headers, req.uri().query());
     let pre_auth = match credential {
         Some(c) => match state.auth.authenticate(&c) {
-            Ok(a) => Some(a),
+            Ok(a) => Some(Box::new(a)),
             Err(e) => {
                 state.metrics.error("unauthenticated");
                 tracing::debug!(%peer, error = %e, "handshake refused");
@@ -124,18 +127,16 @@ pub async fn handler(
                 return;
             }
         };
-        let limits = &task_state.config.limits;
-        let max = limits.max_message_size;
-        let config = WebSocketConfig::default()
-            // Small read buffer: it is held for the connection's whole life (tungstenite grows
-            // it only while a larger frame is being read).
-            .read_buffer_size(1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        // Our accept loop serves plain TCP sockets, so this always succeeds.
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(%peer, "upgraded connection is not a TCP socket");
+                return;
+            }
+        };
+        let max = task_state.config.limits.max_message_size;
+        let ws = WsSocket::new(parts.io.into_inner(), parts.read_buf, max);
         run_connection(task_state, ws, pre_auth, peer).await;
     });
 
@@ -219,23 +220,27 @@ fn credential_from(h: &HeaderMap, query: Option<&str>) -> Option<String> {
     api_key
 }
 
-/// A frame produced by our own encoders as a text message, without copying or re-validating.
-fn text(frame: Bytes) -> WsMessage {
-    // SAFETY: every frame written here comes from `herald_proto::json` (serde_json output) or
-    // from a `&str` constant, so it is valid UTF-8.
-    WsMessage::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
-}
-
-fn close_frame(code: u16, reason: &str) -> WsMessage {
-    WsMessage::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_owned().into(),
-    }))
-}
-
 /// Send a close frame, bounded by the write timeout; errors are irrelevant now.
 async fn send_close(ws: &mut Ws, code: u16, reason: &str, limit: Duration) {
-    let _ = timeout(limit, ws.send(close_frame(code, reason))).await;
+    // Boxed: once per connection, and kept out of every connection's own future.
+    let _ = Box::pin(timeout(limit, ws.close(code, reason))).await;
+}
+
+/// Answers a client that broke the framing rules: 1009 for a frame or message over
+/// `max_message_size`, 1002 or 1007 for the rest. Returns the metric label.
+async fn close_for_frame_error(
+    state: &AppState,
+    ws: &mut Ws,
+    e: &FrameError,
+    limit: Duration,
+) -> &'static str {
+    let (kind, label) = match e {
+        FrameError::TooLarge => ("too_large", "too_large"),
+        _ => ("malformed_frame", "protocol_error"),
+    };
+    state.metrics.error(kind);
+    send_close(ws, e.close_code(), e.reason(), limit).await;
+    label
 }
 
 /// First-frame authentication, within `auth_timeout`. On failure the connection is closed
@@ -255,23 +260,25 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
                 .await;
                 return None;
             }
-            Ok(Some(Err(tungstenite::Error::Capacity(_)))) => {
-                state.metrics.error("too_large");
-                send_close(
-                    ws,
-                    close::TOO_LARGE,
-                    "frame too large",
-                    limits.write_timeout,
-                )
-                .await;
+            Ok(Err(WsError::Frame(e))) => {
+                close_for_frame_error(state, ws, &e, limits.write_timeout).await;
                 return None;
             }
-            Ok(None) | Ok(Some(Err(_))) => return None,
-            Ok(Some(Ok(f))) => f,
+            Ok(Ok(None)) | Ok(Err(WsError::Io(_))) => return None,
+            Ok(Ok(Some(f))) => f,
         };
         let text = match frame {
             WsMessage::Text(t) => t,
-            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            WsMessage::Ping(p) => {
+                if timeout(limits.write_timeout, ws.send_pong(&p))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    return None;
+                }
+                continue;
+            }
+            WsMessage::Pong => continue,
             _ => {
                 send_close(
                     ws,
@@ -321,6 +328,8 @@ enum Flow {
 /// Per-connection state that only the connection task touches.
 struct Ctx {
     conn: Arc<ConnHandle>,
+    /// Unregisters the connection from the hub when the context is dropped.
+    _registration: Registration,
     /// Claims and roles for ACL checks; replaced on refresh.
     identity: Identity,
     conn_id: String,
@@ -331,19 +340,36 @@ struct Ctx {
     errors_in_window: u32,
 }
 
+/// The connection task. What it holds while the connection lives is what every idle
+/// connection costs, so the one-off work (authentication, registration, welcome, inbox
+/// replay) runs in a boxed future of its own and only the loop's state remains.
 async fn run_connection(
     state: Arc<AppState>,
     mut ws: Ws,
-    pre_auth: Option<Authenticated>,
+    pre_auth: Option<Box<Authenticated>>,
     peer: SocketAddr,
 ) {
-    let limits = state.config.limits.clone();
+    let Some(mut ctx) = Box::pin(open_session(&state, &mut ws, pre_auth, peer)).await else {
+        return;
+    };
+    let reason = connection_loop(&state, &mut ws, &mut ctx).await;
+    state.metrics.connection_closed(reason);
+    tracing::debug!(conn_id = ctx.conn_id, user = %ctx.conn.user, reason, "disconnected");
+}
+
+/// Authenticates (unless the handshake did), registers, checks the user's connection limit,
+/// subscribes the implicit topics, welcomes, and queues the durable inbox replay. `None`: the
+/// connection was closed here.
+async fn open_session(
+    state: &Arc<AppState>,
+    ws: &mut Ws,
+    pre_auth: Option<Box<Authenticated>>,
+    peer: SocketAddr,
+) -> Option<Ctx> {
+    let limits = &state.config.limits;
     let auth = match pre_auth {
-        Some(a) => a,
-        None => match authenticate_first_frame(&state, &mut ws).await {
-            Some(a) => a,
-            None => return,
-        },
+        Some(a) => *a,
+        None => authenticate_first_frame(state, ws).await?,
     };
     let user = auth.identity.user_id.clone();
     let id = state.hub.next_conn_id();
@@ -358,7 +384,7 @@ async fn run_connection(
         },
     ));
     state.hub.register(conn.clone());
-    let _registration = Registration {
+    let registration = Registration {
         state: state.clone(),
         conn: conn.clone(),
     };
@@ -375,13 +401,13 @@ async fn run_connection(
     if count > limits.max_connections_per_user as u64 {
         state.metrics.connection_closed("too_many_connections");
         send_close(
-            &mut ws,
+            ws,
             close::TOO_MANY_CONNECTIONS,
             "too many connections for this user",
             limits.write_timeout,
         )
         .await;
-        return;
+        return None;
     }
 
     // Implicit subscriptions: the user's inbox and broadcast. Valid by construction: the
@@ -399,11 +425,11 @@ async fn run_connection(
         &state.node_id,
         limits.heartbeat_interval.as_millis() as u64,
     );
-    if timeout(limits.write_timeout, ws.send(text(welcome)))
+    if bounded(limits.write_timeout, ws.send_text(&welcome))
         .await
         .map_or(true, |r| r.is_err())
     {
-        return;
+        return None;
     }
     tracing::debug!(%peer, conn_id, user = %user, "connected");
 
@@ -430,18 +456,16 @@ async fn run_connection(
         }
     }
 
-    let mut ctx = Ctx {
-        conn: conn.clone(),
+    Some(Ctx {
+        conn,
+        _registration: registration,
         identity: auth.identity,
         conn_id,
         expiry: auth.expires_at.map(expiry_instant),
         expiry_changed: false,
         errors_window_start: Instant::now(),
         errors_in_window: 0,
-    };
-    let reason = connection_loop(&state, &mut ws, &mut ctx).await;
-    state.metrics.connection_closed(reason);
-    tracing::debug!(conn_id = ctx.conn_id, user = %user, reason, "disconnected");
+    })
 }
 
 /// Unix seconds → the `Instant` it falls at.
@@ -450,57 +474,62 @@ fn expiry_instant(exp: u64) -> Instant {
     Instant::now() + Duration::from_secs(exp.saturating_sub(now))
 }
 
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86400 * 365)
-}
-
 /// The main loop; returns why the connection ended (a metric label).
 async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &'static str {
     let limits = &state.config.limits;
     let mut last_seen = Instant::now();
-    let mut heartbeat = tokio::time::interval_at(
-        (Instant::now() + limits.heartbeat_interval).into(),
-        limits.heartbeat_interval,
-    );
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut expiry: Pin<Box<Sleep>> =
-        Box::pin(sleep_until(ctx.expiry.unwrap_or_else(far_future).into()));
+    // One timer per connection for both the heartbeat and the token expiry: it fires at
+    // whichever comes first.
+    let mut next_ping = Instant::now() + limits.heartbeat_interval;
+    let due = |next_ping: Instant, expiry: Option<Instant>| {
+        expiry.map_or(next_ping, |e| e.min(next_ping))
+    };
+    let mut timer: Pin<Box<Sleep>> = Box::pin(sleep_until(due(next_ping, ctx.expiry).into()));
     let conn = ctx.conn.clone();
     let mut batch: Vec<Outgoing> = Vec::new();
     let mut recent_durable = RecentDurable::new();
-
     loop {
         tokio::select! {
             frame = ws.next() => {
                 let frame = match frame {
-                    None => return "client",
-                    Some(Err(tungstenite::Error::Capacity(_))) => {
-                        state.metrics.error("too_large");
-                        send_close(ws, close::TOO_LARGE, "frame too large", limits.write_timeout).await;
-                        return "too_large";
+                    Ok(None) => return "client",
+                    Err(WsError::Frame(e)) => {
+                        return close_for_frame_error(state, ws, &e, limits.write_timeout).await;
                     }
-                    Some(Err(_)) => return "protocol_error",
-                    Some(Ok(f)) => f,
+                    Err(WsError::Io(_)) => return "client",
+                    Ok(Some(f)) => f,
                 };
                 last_seen = Instant::now();
                 let flow = match frame {
-                    WsMessage::Text(t) => handle_text(state, ctx, &t).await,
+                    // Boxed: requests are rare and their futures large; the idle connection's
+                    // own future stays small.
+                    WsMessage::Text(t) => Box::pin(handle_text(state, ctx, &t)).await,
                     WsMessage::Binary(_) => reject(state, ctx, None, Error::BadRequest("binary frames are not supported by herald.json.v1".into())),
-                    WsMessage::Close(_) => return "client",
-                    // tungstenite answers pings itself; pongs only prove liveness.
-                    WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => Flow::Continue,
+                    WsMessage::Close(code) => {
+                        // Echo the close (RFC 6455 §5.5.1), then end.
+                        send_close(ws, code.unwrap_or(1000), "", limits.write_timeout).await;
+                        return "client";
+                    }
+                    WsMessage::Ping(p) => {
+                        if bounded(limits.write_timeout, ws.send_pong(&p)).await.map_or(true, |r| r.is_err()) {
+                            return "write_error";
+                        }
+                        Flow::Continue
+                    }
+                    // Pongs only prove liveness.
+                    WsMessage::Pong => Flow::Continue,
                 };
                 if let Flow::Close(code, reason) = flow {
                     // The replies already queued (e.g. the errors that led here) go out first.
                     if conn.queue.drain(&mut batch, usize::MAX).now_or_never().is_some() && !batch.is_empty() {
-                        let _ = timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch, &mut recent_durable)).await;
+                        let _ = Box::pin(timeout(limits.write_timeout, write_batch(state, ws, &conn, &mut batch, &mut recent_durable))).await;
                     }
                     send_close(ws, code, &reason, limits.write_timeout).await;
                     return if code == close::POLICY { "policy" } else { "server" };
                 }
                 if ctx.expiry_changed {
                     ctx.expiry_changed = false;
-                    expiry.as_mut().reset(ctx.expiry.unwrap_or_else(far_future).into());
+                    timer.as_mut().reset(due(next_ping, ctx.expiry).into());
                 }
             }
             close = conn.queue.drain(&mut batch, BATCH) => {
@@ -520,18 +549,23 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
                     return close_label(code);
                 }
             }
-            _ = heartbeat.tick() => {
-                if last_seen.elapsed() >= limits.heartbeat_timeout {
-                    send_close(ws, close::GOING_AWAY, "heartbeat timeout", limits.write_timeout).await;
-                    return "heartbeat_timeout";
+            _ = &mut timer => {
+                let now = Instant::now();
+                if ctx.expiry.is_some_and(|e| now >= e) {
+                    send_close(ws, close::TOKEN_EXPIRED, "token expired", limits.write_timeout).await;
+                    return "token_expired";
                 }
-                if timeout(limits.write_timeout, ws.send(WsMessage::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
-                    return "write_error";
+                if now >= next_ping {
+                    if last_seen.elapsed() >= limits.heartbeat_timeout {
+                        send_close(ws, close::GOING_AWAY, "heartbeat timeout", limits.write_timeout).await;
+                        return "heartbeat_timeout";
+                    }
+                    if bounded(limits.write_timeout, ws.send_ping()).await.map_or(true, |r| r.is_err()) {
+                        return "write_error";
+                    }
+                    next_ping = now + limits.heartbeat_interval;
                 }
-            }
-            _ = &mut expiry => {
-                send_close(ws, close::TOKEN_EXPIRED, "token expired", limits.write_timeout).await;
-                return "token_expired";
+                timer.as_mut().reset(due(next_ping, ctx.expiry).into());
             }
         }
     }
@@ -539,15 +573,40 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
 
 /// `fut` bounded by `limit`, without a timer when it completes on its first poll: a socket
 /// write almost always does, and arming and cancelling a timer per delivery showed in the
-/// fanout profile. Only a write that has to wait for the socket gets the deadline.
-async fn bounded<F: Future>(
-    limit: Duration,
-    fut: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    let mut fut = std::pin::pin!(fut);
-    match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-        Poll::Ready(out) => Ok(out),
-        Poll::Pending => timeout(limit, fut).await,
+/// fanout profile. Only a write that has to wait for the socket gets the deadline (boxed, so
+/// it takes no room in the connection's future until then). A struct rather than an `async
+/// fn`, so the wrapped future is stored once, not copied into a second slot.
+fn bounded<F: Future>(limit: Duration, fut: F) -> Bounded<F> {
+    Bounded {
+        fut,
+        limit,
+        deadline: None,
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Bounded<F> {
+        #[pin]
+        fut: F,
+        limit: Duration,
+        deadline: Option<Pin<Box<Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for Bounded<F> {
+    /// `Err(())`: the limit passed first.
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        let limit = *this.limit;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        deadline.as_mut().poll(cx).map(|()| Err(()))
     }
 }
 
@@ -573,7 +632,7 @@ async fn write_batch(
     conn: &ConnHandle,
     batch: &mut Vec<Outgoing>,
     recent: &mut RecentDurable,
-) -> Result<(), tungstenite::Error> {
+) -> std::io::Result<()> {
     let store = &state.config.store;
     let now = Instant::now();
     if recent.len() > 1024 {
@@ -583,6 +642,7 @@ async fn write_batch(
     let mut messages = 0u64;
     let mut oldest: Option<Instant> = None;
     let mut durable_ids: Vec<String> = Vec::new();
+    let mut frames: Vec<Bytes> = Vec::with_capacity(batch.len());
     for item in batch.drain(..) {
         let frame = match item {
             Outgoing::Message(m) => {
@@ -604,18 +664,19 @@ async fn write_batch(
                     // retransmissions are old by design.
                     oldest = Some(oldest.map_or(m.received_at, |o| o.min(m.received_at)));
                 }
-                m.json_frame().clone()
+                m.ws_frame().clone()
             }
             Outgoing::Replay(m) => {
                 messages += 1;
-                m.json_frame().clone()
+                m.ws_frame().clone()
             }
-            Outgoing::Frame(f) => f,
+            Outgoing::Frame(f) => frame::encode(OpCode::Text, &f),
         };
-        ws.feed(text(frame)).await?;
+        frames.push(frame);
     }
-    ws.flush().await?;
-    if batch.capacity() > BATCH {
+    ws.write_frames(&frames).await?;
+    if batch.capacity() > KEEP_BATCH {
+        // An idle connection keeps no burst-sized buffer.
         *batch = Vec::new();
     }
     if messages > 0 {

@@ -27,7 +27,9 @@ pub struct Common {
     #[arg(long, value_enum, default_value_t = TargetKind::Herald)]
     pub target: TargetKind,
     /// Start this server binary with a generated config (herald: `target/release/herald`,
-    /// memory store, known secret; nats: `nats-server`, WebSocket listener on free ports).
+    /// memory store, known secret; nats: `nats-server`, WebSocket listener on free ports;
+    /// node-ws, socketio: the `node` that runs `bench/peers/<peer>/server.js`, default `node`;
+    /// sockudo: the `sockudo` binary, default on the PATH or /work/cache/sockudo/bin/sockudo).
     #[arg(long, value_name = "PATH", conflicts_with = "url")]
     pub server_bin: Option<PathBuf>,
     /// Attach to a running Herald at this base URL (http://127.0.0.1:8080) instead.
@@ -63,6 +65,13 @@ pub struct Common {
 pub enum TargetKind {
     Herald,
     Nats,
+    /// The hand-written Node `ws` broadcast server (bench/peers/node-ws).
+    NodeWs,
+    /// Socket.IO 4.8 (bench/peers/socketio).
+    #[value(name = "socketio")]
+    SocketIo,
+    /// Sockudo, Pusher protocol (bench/peers/sockudo).
+    Sockudo,
 }
 
 /// The server under test, started or attached.
@@ -76,6 +85,16 @@ pub struct Server {
 }
 
 fn bin_info(path: &std::path::Path) -> Value {
+    // A bare name (`node`, `nats-server`) is the one found on the PATH.
+    let resolved = (path.components().count() == 1)
+        .then(|| std::env::var_os("PATH"))
+        .flatten()
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(path))
+                .find(|b| b.is_file())
+        });
+    let path = resolved.as_deref().unwrap_or(path);
     let meta = std::fs::metadata(path).ok();
     json!({
         "path": path.display().to_string(),
@@ -89,16 +108,54 @@ fn bin_info(path: &std::path::Path) -> Value {
 
 impl Server {
     pub async fn open(c: &Common) -> anyhow::Result<Self> {
-        if c.target == TargetKind::Nats {
-            let bin = c.server_bin.clone().unwrap_or_else(|| "nats-server".into());
-            let (managed, spec) = server::start_nats(&bin).await?;
-            return Ok(Self {
-                target: TargetSpec::Nats(spec),
-                pid: managed.pid,
-                managed: Some(managed),
-                bin: bin_info(&bin),
-            });
+        let peer_bin = |default: PathBuf| c.server_bin.clone().unwrap_or(default);
+        let (managed, target, bin) = match c.target {
+            TargetKind::Herald => return Self::open_herald(c).await,
+            TargetKind::Nats => {
+                let bin = peer_bin("nats-server".into());
+                let (m, spec) = server::start_nats(&bin).await?;
+                (m, TargetSpec::Nats(spec), bin)
+            }
+            TargetKind::NodeWs => {
+                let bin = peer_bin("node".into());
+                let (m, spec) = server::start_node_ws(&bin).await?;
+                (m, TargetSpec::NodeWs(spec), bin)
+            }
+            TargetKind::SocketIo => {
+                let bin = peer_bin("node".into());
+                let (m, spec) = server::start_socketio(&bin).await?;
+                (m, TargetSpec::SocketIo(spec), bin)
+            }
+            TargetKind::Sockudo => {
+                let bin = peer_bin(server::default_sockudo_bin());
+                let (m, spec) = server::start_sockudo(&bin).await?;
+                (m, TargetSpec::Sockudo(spec), bin)
+            }
+        };
+        let mut info = bin_info(&bin);
+        let peer = match c.target {
+            TargetKind::NodeWs => Some("node-ws"),
+            TargetKind::SocketIo => Some("socketio"),
+            _ => None,
+        };
+        if let Some(dir) = peer.and_then(|p| server::peer_dir(p).ok()) {
+            // The pinned packages the script runs on (package.json; exact versions).
+            let deps = std::fs::read_to_string(dir.join("package.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .map(|v| v["dependencies"].clone());
+            info["script"] = json!(dir.join("server.js").display().to_string());
+            info["packages"] = json!(deps);
         }
+        Ok(Self {
+            target,
+            pid: managed.pid,
+            managed: Some(managed),
+            bin: info,
+        })
+    }
+
+    async fn open_herald(c: &Common) -> anyhow::Result<Self> {
         if let Some(bin) = &c.server_bin {
             let (managed, spec) = server::start_herald(bin).await?;
             return Ok(Self {
@@ -508,7 +565,7 @@ pub async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         "connections": a.connections,
         "workers": workers.ready["workers"],
         "connect_concurrency": a.common.connect_concurrency,
-        "auth": "HS256 JWT in ?token=, one user per connection",
+        "auth": target.connect_path(),
     });
     let run = run_record("s2-connect", target.name(), &server, params, figures);
     save(
@@ -753,7 +810,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             "duration_secs": a.duration_secs,
             "payload_bytes": a.payload_bytes,
             "topic": a.topic,
-            "publish": "HTTP /api/v1/publish (one due message) or /api/v1/publish/batch (several), keep-alive",
+            "publish": target.publish_path(),
         });
         let run = run_record("s3-fanout", target.name(), &server, params, f.clone());
         save(
@@ -838,6 +895,7 @@ pub async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
         "warmup_secs": a.warmup_secs,
         "payload_bytes": a.payload_bytes,
         "topic": a.topic,
+        "publish": target.publish_path(),
         "clock": "send time = SystemTime ns written into the payload just before the HTTP request; receive time = SystemTime when the worker reads the frame",
     });
     let run = run_record("s4-latency", target.name(), &server, params, f.clone());

@@ -1,5 +1,7 @@
-//! Starting a server under test (Herald: `herald serve --config <generated file>`) or
-//! attaching to a running one.
+//! Starting a server under test (Herald: `herald serve --config <generated file>`; the peers of
+//! PEERS.md: nats-server, the Node servers of `bench/peers/`, Sockudo) on free loopback ports,
+//! or attaching to a running Herald. The pid recorded is the server process itself (for the
+//! Node peers, the `node` process), so `/proc` RSS and CPU are the server's.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,6 +13,9 @@ use tokio::process::{Child, Command};
 
 use crate::targets::herald::HeraldSpec;
 use crate::targets::nats::NatsSpec;
+use crate::targets::node_ws::NodeWsSpec;
+use crate::targets::socketio::SocketIoSpec;
+use crate::targets::sockudo::SockudoSpec;
 
 /// The JWT secret and API key of a Herald the bench starts itself.
 pub const BENCH_SECRET: &str = "herald-bench-jwt-secret-0123456789abcdef0123456789";
@@ -68,6 +73,28 @@ impl Managed {
     }
 }
 
+/// Waits for the child's first stdout line `listening on http://…` (20 s at most) and returns
+/// the URL; its stdout is drained afterwards so it never blocks on a full pipe.
+async fn listening_url(child: &mut Child, what: &str) -> anyhow::Result<String> {
+    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .with_context(|| format!("{what} printed nothing within 20 s"))??
+        .with_context(|| format!("{what} exited before listening"))?;
+    let Some(http_url) = first.strip_prefix("listening on ") else {
+        bail!("unexpected first line from {what}: {first}");
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(http_url.trim().trim_end_matches('/').to_owned())
+}
+
+/// A fresh scratch directory for one started server (removed by [`Managed::stop`]).
+fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("herald-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
 /// Starts `bin serve` with [`herald_config`] and waits for its `listening on http://…` line.
 pub async fn start_herald(bin: &Path) -> anyhow::Result<(Managed, HeraldSpec)> {
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
@@ -85,17 +112,7 @@ pub async fn start_herald(bin: &Path) -> anyhow::Result<(Managed, HeraldSpec)> {
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let pid = child.id().context("server exited at once")?;
-    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
-    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .context("the server printed nothing within 20 s")??
-        .context("the server exited before listening")?;
-    let Some(http_url) = first.strip_prefix("listening on ") else {
-        bail!("unexpected first line from the server: {first}");
-    };
-    let http_url = http_url.trim().to_owned();
-    // Keep draining its stdout so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let http_url = listening_url(&mut child, "the server").await?;
     let spec = HeraldSpec {
         ws_url: format!("{}/ws", http_url.replacen("http://", "ws://", 1)),
         http_url,
@@ -137,15 +154,9 @@ pub async fn start_nats(bin: &Path) -> anyhow::Result<(Managed, NatsSpec)> {
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let pid = child.id().context("nats-server exited at once")?;
-    let managed = Managed { child, pid, dir };
+    let mut managed = Managed { child, pid, dir };
     for addr in [format!("127.0.0.1:{port}"), format!("127.0.0.1:{ws_port}")] {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                bail!("nats-server did not listen on {addr} within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_listening(&mut managed, &addr, "nats-server", Duration::from_secs(10)).await?;
     }
     Ok((
         managed,
@@ -156,8 +167,202 @@ pub async fn start_nats(bin: &Path) -> anyhow::Result<(Managed, NatsSpec)> {
     ))
 }
 
+/// Waits until `addr` accepts TCP connections, failing if the server exits or `limit` passes.
+async fn wait_listening(
+    m: &mut Managed,
+    addr: &str,
+    what: &str,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(status) = m.child.try_wait()? {
+            bail!("{what} exited ({status}) before listening on {addr}");
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{what} did not listen on {addr} within {} s",
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// `bench/peers/<name>`: under the working directory (the repository root, where the bench
+/// commands run), else in the source tree this binary was built from.
+pub fn peer_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let candidates = [
+        PathBuf::from("bench/peers").join(name),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../bench/peers")
+            .join(name),
+    ];
+    candidates
+        .iter()
+        .find(|d| d.join("server.js").is_file() || d.join("sockudo.env").is_file())
+        .cloned()
+        .with_context(|| format!("bench/peers/{name} not found (run from the repository root)"))
+}
+
+/// Starts `node bench/peers/<name>/server.js` with `PORT=0` (`npm ci` first if its
+/// `node_modules` is missing) and waits for its `listening on http://…` line. The pid measured
+/// is the node process.
+async fn start_node_peer(node: &Path, name: &str) -> anyhow::Result<(Managed, String)> {
+    let peer = peer_dir(name)?;
+    if !peer.join("node_modules").is_dir() {
+        eprintln!("{}: node_modules missing, running npm ci", peer.display());
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&peer)
+            .stdin(Stdio::null())
+            .status()
+            .await
+            .context("cannot run npm ci")?;
+        if !status.success() {
+            bail!("npm ci in {} failed: {status}", peer.display());
+        }
+    }
+    let dir = scratch_dir(name)?;
+    let mut child = Command::new(node)
+        .arg(peer.join("server.js"))
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("NODE_ENV", "production")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", node.display()))?;
+    let pid = child.id().context("node exited at once")?;
+    let http_url = listening_url(&mut child, name).await?;
+    Ok((Managed { child, pid, dir }, http_url))
+}
+
+/// The Node `ws` broadcast server (`bench/peers/node-ws`).
+pub async fn start_node_ws(node: &Path) -> anyhow::Result<(Managed, NodeWsSpec)> {
+    let (m, http_url) = start_node_peer(node, "node-ws").await?;
+    let spec = NodeWsSpec {
+        ws_url: format!("{}/", http_url.replacen("http://", "ws://", 1)),
+        http_url,
+    };
+    Ok((m, spec))
+}
+
+/// Socket.IO (`bench/peers/socketio`).
+pub async fn start_socketio(node: &Path) -> anyhow::Result<(Managed, SocketIoSpec)> {
+    let (m, http_url) = start_node_peer(node, "socketio").await?;
+    let spec = SocketIoSpec {
+        ws_url: format!(
+            "{}/socket.io/?EIO=4&transport=websocket",
+            http_url.replacen("http://", "ws://", 1)
+        ),
+        http_url,
+    };
+    Ok((m, spec))
+}
+
+/// `bench/peers/sockudo/sockudo.env`, built in: `KEY=VALUE` lines, `#` comments.
+const SOCKUDO_ENV: &str = include_str!("../../../bench/peers/sockudo/sockudo.env");
+
+/// The `KEY=VALUE` pairs of an env file (blank lines and `#` comments skipped).
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Where the Sockudo binary is by default: `sockudo` on the PATH, else where
+/// `bench/peers/sockudo/install.sh` puts it.
+pub fn default_sockudo_bin() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("sockudo"))
+            .find(|b| b.is_file())
+    });
+    on_path.unwrap_or_else(|| PathBuf::from("/work/cache/sockudo/bin/sockudo"))
+}
+
+/// Starts `bin` (Sockudo) with `sockudo.env` on free ports (WebSocket/HTTP and metrics), in a
+/// scratch directory (it looks for `config/config.toml` in its working directory), and waits
+/// until it accepts.
+pub async fn start_sockudo(bin: &Path) -> anyhow::Result<(Managed, SockudoSpec)> {
+    let dir = scratch_dir("sockudo")?;
+    let (port, metrics_port) = (free_port()?, free_port()?);
+    let env = parse_env_file(SOCKUDO_ENV);
+    let get = |k: &str| {
+        env.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("sockudo.env has no {k}"))
+    };
+    let (app_id, key, secret) = (
+        get("SOCKUDO_DEFAULT_APP_ID")?,
+        get("SOCKUDO_DEFAULT_APP_KEY")?,
+        get("SOCKUDO_DEFAULT_APP_SECRET")?,
+    );
+    let log = std::fs::File::create(dir.join("sockudo.log"))?;
+    let child = Command::new(bin)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("PORT", port.to_string())
+        .env("METRICS_PORT", metrics_port.to_string())
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (bench/peers/sockudo/install.sh installs it)",
+                bin.display()
+            )
+        })?;
+    let pid = child.id().context("sockudo exited at once")?;
+    let mut managed = Managed { child, pid, dir };
+    let addr = format!("127.0.0.1:{port}");
+    if let Err(e) = wait_listening(&mut managed, &addr, "sockudo", Duration::from_secs(30)).await {
+        let log = std::fs::read_to_string(managed.dir.join("sockudo.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{e:#}\n{}", tail.join("\n"));
+    }
+    let spec = SockudoSpec {
+        ws_url: format!("ws://{addr}/app/{key}?protocol=7&client=herald-bench&version=0.1"),
+        http_url: format!("http://{addr}"),
+        app_id,
+        key,
+        secret,
+    };
+    Ok((managed, spec))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sockudo_env_names_the_app_and_raises_the_limits() {
+        let env = super::parse_env_file(super::SOCKUDO_ENV);
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert!(get("SOCKUDO_DEFAULT_APP_KEY").is_some());
+        let max: u64 = get("SOCKUDO_DEFAULT_APP_MAX_CONNECTIONS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(max >= 19_000);
+        assert_eq!(get("ADAPTER_DRIVER"), Some("local"));
+        assert_eq!(
+            super::parse_env_file("# c\n\nA = b\nnot a pair\n"),
+            vec![("A".to_owned(), "b".to_owned())]
+        );
+    }
+
     #[test]
     fn config_is_valid_toml_with_the_known_credentials() {
         let text = super::herald_config();

@@ -22,7 +22,8 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::hist;
 use crate::targets::{
-    Incoming, Target, TargetSpec, Ws, herald::Herald, nats::Nats, now_ns, open_ws,
+    Incoming, Target, TargetSpec, Ws, herald::Herald, nats::Nats, node_ws::NodeWs, now_ns, open_ws,
+    socketio::SocketIo, sockudo::Sockudo,
 };
 
 /// What one connection subscribes to.
@@ -103,6 +104,9 @@ pub fn run(spec_json: &str, threads: usize) -> anyhow::Result<()> {
         match spec.target.clone() {
             TargetSpec::Herald(h) => run_with(Arc::new(Herald::new(h)), spec).await,
             TargetSpec::Nats(n) => run_with(Arc::new(Nats::new(n)), spec).await,
+            TargetSpec::NodeWs(n) => run_with(Arc::new(NodeWs::new(n)), spec).await,
+            TargetSpec::SocketIo(s) => run_with(Arc::new(SocketIo::new(s)), spec).await,
+            TargetSpec::Sockudo(s) => run_with(Arc::new(Sockudo::new(s)), spec).await,
         }
     });
     // Do not wait for thousands of connection tasks to be torn down one by one.
@@ -128,7 +132,7 @@ async fn run_with<T: Target>(target: Arc<T>, spec: WorkerSpec) -> anyhow::Result
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
             let opened = tokio::time::timeout(Duration::from_secs(60), async {
-                let url = target.ws_url(conn)?;
+                let url = target.ws_url(conn, topic.as_deref())?;
                 let mut ws = open_ws(&url, local).await?;
                 target.handshake(&mut ws, conn, topic.as_deref()).await?;
                 anyhow::Ok(ws)

@@ -51,7 +51,7 @@ async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
 }
 
 impl Target for Herald {
-    fn ws_url(&self, conn: usize) -> anyhow::Result<String> {
+    fn ws_url(&self, conn: usize, _topic: Option<&str>) -> anyhow::Result<String> {
         // The claims of `herald token` (herald_server::auth::dev_claims), minted here so the
         // bench does not build the server crate.
         let now = crate::results::now_unix();
@@ -185,6 +185,6 @@ mod tests {
         seen.clear();
         h.classify(&r, &mut |i| seen.push(i));
         assert!(seen.is_empty());
-        assert!(h.ws_url(7).unwrap().contains("?token="));
+        assert!(h.ws_url(7, None).unwrap().contains("?token="));
     }
 }

@@ -4,16 +4,20 @@
 //!
 //! Payloads carry their send time: `hbts=<19-digit ns since the epoch>;` padded with `x` to
 //! the requested size, so every adapter finds the timestamp with [`extract_ts`] whatever the
-//! framing around it (JSON string, NATS `MSG` body, Pusher `data`).
+//! framing around it (JSON string, NATS `MSG` body, Socket.IO event argument, Pusher `data`).
 
 pub mod herald;
 pub mod nats;
+pub mod node_ws;
+pub mod socketio;
+pub mod sockudo;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -28,6 +32,9 @@ pub type Ws = WebSocketStream<TcpStream>;
 pub enum TargetSpec {
     Herald(herald::HeraldSpec),
     Nats(nats::NatsSpec),
+    NodeWs(node_ws::NodeWsSpec),
+    SocketIo(socketio::SocketIoSpec),
+    Sockudo(sockudo::SockudoSpec),
 }
 
 impl TargetSpec {
@@ -35,6 +42,36 @@ impl TargetSpec {
         match self {
             Self::Herald(_) => "herald",
             Self::Nats(_) => "nats",
+            Self::NodeWs(_) => "node-ws",
+            Self::SocketIo(_) => "socketio",
+            Self::Sockudo(_) => "sockudo",
+        }
+    }
+
+    /// What one S2 connection does until it counts as open (recorded with S2 results).
+    pub fn connect_path(&self) -> &'static str {
+        match self {
+            Self::Herald(_) => "HS256 JWT in ?token=, one user per connection; until the welcome",
+            Self::Nats(_) => "no auth; INFO, CONNECT + PING until PONG",
+            Self::NodeWs(_) => "no auth; the WebSocket upgrade",
+            Self::SocketIo(_) => "no auth; Engine.IO open, `40` until `40{sid}`",
+            Self::Sockudo(_) => "app key in the URL; until pusher:connection_established",
+        }
+    }
+
+    /// How the coordinator publishes to this target (recorded with S3/S4 results).
+    pub fn publish_path(&self) -> &'static str {
+        match self {
+            Self::Herald(_) => {
+                "HTTP /api/v1/publish (one due message) or /api/v1/publish/batch (several), keep-alive"
+            }
+            Self::Nats(_) => "NATS TCP protocol: PUB per message, then PING/PONG",
+            Self::NodeWs(_) | Self::SocketIo(_) => {
+                "HTTP POST /publish {topic, payloads: [every due message]}, keep-alive"
+            }
+            Self::Sockudo(_) => {
+                "Pusher HTTP API, signed: /apps/{id}/events (one due message) or /batch_events (several, 10 per request), keep-alive"
+            }
         }
     }
 }
@@ -43,6 +80,8 @@ impl TargetSpec {
 pub enum AnyPublisher {
     Herald(herald::HeraldPublisher),
     Nats(nats::NatsPublisher),
+    Json(node_ws::JsonPublisher),
+    Sockudo(sockudo::SockudoPublisher),
 }
 
 impl AnyPublisher {
@@ -50,6 +89,9 @@ impl AnyPublisher {
         Ok(match spec {
             TargetSpec::Herald(s) => Self::Herald(herald::HeraldPublisher::new(s)?),
             TargetSpec::Nats(s) => Self::Nats(nats::NatsPublisher::connect(s).await?),
+            TargetSpec::NodeWs(s) => Self::Json(node_ws::JsonPublisher::new(&s.http_url)?),
+            TargetSpec::SocketIo(s) => Self::Json(node_ws::JsonPublisher::new(&s.http_url)?),
+            TargetSpec::Sockudo(s) => Self::Sockudo(sockudo::SockudoPublisher::new(s)?),
         })
     }
 }
@@ -59,6 +101,8 @@ impl Publisher for AnyPublisher {
         match self {
             Self::Herald(p) => p.publish(topic, payloads).await,
             Self::Nats(p) => p.publish(topic, payloads).await,
+            Self::Json(p) => p.publish(topic, payloads).await,
+            Self::Sockudo(p) => p.publish(topic, payloads).await,
         }
     }
 }
@@ -74,8 +118,9 @@ pub enum Incoming {
 
 /// A server under test, seen from one subscriber connection.
 pub trait Target: Send + Sync + 'static {
-    /// The WebSocket URL for connection number `conn` (credentials included if they go there).
-    fn ws_url(&self, conn: usize) -> anyhow::Result<String>;
+    /// The WebSocket URL for connection number `conn` (credentials included if they go there;
+    /// `topic` too, for servers that subscribe by URL).
+    fn ws_url(&self, conn: usize, topic: Option<&str>) -> anyhow::Result<String>;
     /// After the WebSocket handshake: authenticate if needed, wait for the server's hello,
     /// subscribe to `topic` (if any) and wait until the subscription is confirmed.
     fn handshake(
@@ -98,6 +143,22 @@ pub trait Publisher: Send {
         topic: &str,
         payloads: &[String],
     ) -> impl Future<Output = anyhow::Result<usize>> + Send;
+}
+
+/// The next text frame, failing on close, or after 30 s (`who` names the server in errors).
+/// Binary, ping and pong frames are skipped (tungstenite answers pings itself).
+pub async fn next_text(ws: &mut Ws, who: &str) -> anyhow::Result<String> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .with_context(|| format!("timed out waiting for {who}"))?
+            .with_context(|| format!("{who} closed the connection"))??;
+        match msg {
+            Message::Text(t) => return Ok(t.as_str().to_owned()),
+            Message::Close(c) => bail!("closed by {who}: {c:?}"),
+            _ => {}
+        }
+    }
 }
 
 /// Opens a WebSocket to `url` from `local` (a loopback source address, to spread beyond one

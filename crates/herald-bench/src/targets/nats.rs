@@ -87,7 +87,7 @@ async fn wait_for(ws: &mut Ws, needle: &[u8]) -> anyhow::Result<()> {
 }
 
 impl Target for Nats {
-    fn ws_url(&self, _conn: usize) -> anyhow::Result<String> {
+    fn ws_url(&self, _conn: usize, _topic: Option<&str>) -> anyhow::Result<String> {
         Ok(self.spec.ws_url.clone())
     }
 

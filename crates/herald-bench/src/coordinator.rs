@@ -15,7 +15,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use crate::hist;
 use crate::procfs::{self, ProcSample};
 use crate::results::{self, MdRow};
-use crate::server::{self, Managed};
+use crate::server::{self, HeraldStore, Managed};
 use crate::targets::herald::HeraldSpec;
 use crate::targets::{AnyPublisher, Publisher, TargetSpec, make_payload, now_ns};
 use crate::worker::{TopicMode, WorkerSpec};
@@ -82,6 +82,8 @@ pub struct Server {
     /// The binary started (path, size, modification time): `git describe` names the checkout,
     /// not necessarily what the binary was built from.
     bin: Value,
+    /// The `store.url` a started Herald was given (password-free bench URLs only).
+    pub store_url: Option<String>,
 }
 
 fn bin_info(path: &std::path::Path) -> Value {
@@ -108,9 +110,14 @@ fn bin_info(path: &std::path::Path) -> Value {
 
 impl Server {
     pub async fn open(c: &Common) -> anyhow::Result<Self> {
+        Self::open_with_store(c, &HeraldStore::Memory).await
+    }
+
+    /// As [`Self::open`]; a started Herald keeps durable inboxes in `store`.
+    pub async fn open_with_store(c: &Common, store: &HeraldStore) -> anyhow::Result<Self> {
         let peer_bin = |default: PathBuf| c.server_bin.clone().unwrap_or(default);
         let (managed, target, bin) = match c.target {
-            TargetKind::Herald => return Self::open_herald(c).await,
+            TargetKind::Herald => return Self::open_herald(c, store).await,
             TargetKind::Nats => {
                 let bin = peer_bin("nats-server".into());
                 let (m, spec) = server::start_nats(&bin).await?;
@@ -152,17 +159,19 @@ impl Server {
             pid: managed.pid,
             managed: Some(managed),
             bin: info,
+            store_url: None,
         })
     }
 
-    async fn open_herald(c: &Common) -> anyhow::Result<Self> {
+    async fn open_herald(c: &Common, store: &HeraldStore) -> anyhow::Result<Self> {
         if let Some(bin) = &c.server_bin {
-            let (managed, spec) = server::start_herald(bin).await?;
+            let (managed, spec, store_url) = server::start_herald(bin, store).await?;
             return Ok(Self {
                 target: TargetSpec::Herald(spec),
                 pid: managed.pid,
                 managed: Some(managed),
                 bin: bin_info(bin),
+                store_url: Some(store_url),
             });
         }
         let (Some(url), Some(secret), Some(api_key), Some(pid)) =
@@ -181,6 +190,7 @@ impl Server {
             pid,
             managed: None,
             bin: json!({"attached_pid": pid}),
+            store_url: None,
         })
     }
 
@@ -240,12 +250,13 @@ pub struct Workers {
 
 impl Workers {
     /// Spawns enough workers for `n` connections and waits until every connection is open
-    /// (or has failed).
+    /// (or has failed). With `ack`, workers acknowledge durable messages as they arrive.
     pub async fn start(
         c: &Common,
         target: &TargetSpec,
         n: usize,
         topic: TopicMode,
+        ack: bool,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?;
         let per = c.per_worker.max(1);
@@ -260,6 +271,7 @@ impl Workers {
                 topic: topic.clone(),
                 per_source_ip: c.per_source_ip,
                 concurrency: c.connect_concurrency,
+                ack,
             };
             let mut child = Command::new(&exe)
                 .arg("worker")
@@ -323,19 +335,37 @@ impl Workers {
 
     /// (delivered, open connections) summed over workers.
     pub async fn count(&mut self) -> anyhow::Result<(u64, u64)> {
-        let v = self.all("count", "count").await?;
-        Ok((sum(&v, "delivered"), sum(&v, "open")))
+        let c = self.counts().await?;
+        Ok((c.delivered, c.open))
+    }
+
+    /// Every counter, summed over workers (times: the latest).
+    pub async fn counts(&mut self) -> anyhow::Result<Counts> {
+        Ok(Counts::of(&self.all("count", "count").await?))
     }
 
     /// Deliveries, untimed deliveries, open connections and the merged latency histogram.
     pub async fn report(&mut self) -> anyhow::Result<(u64, u64, u64, Histogram<u64>)> {
+        let r = self.report_all().await?;
+        Ok((r.counts.delivered, r.counts.untimed, r.counts.open, r.hist))
+    }
+
+    /// Every counter and both merged histograms (deliveries; ack round trips).
+    pub async fn report_all(&mut self) -> anyhow::Result<Report> {
         let v = self.all("report", "report").await?;
-        let mut h = hist::new_histogram();
+        let (mut h, mut ack) = (hist::new_histogram(), hist::new_histogram());
         for r in &v {
             let pairs: Vec<(u64, u64)> = serde_json::from_value(r["hist"].clone())?;
             hist::merge_pairs(&mut h, &pairs);
+            let pairs: Vec<(u64, u64)> =
+                serde_json::from_value(r["ack_hist"].clone()).unwrap_or_default();
+            hist::merge_pairs(&mut ack, &pairs);
         }
-        Ok((sum(&v, "delivered"), sum(&v, "untimed"), sum(&v, "open"), h))
+        Ok(Report {
+            counts: Counts::of(&v),
+            hist: h,
+            ack_hist: ack,
+        })
     }
 
     /// CPU seconds used so far by the worker processes (the load generator's own cost).
@@ -361,7 +391,68 @@ fn sum(v: &[Value], key: &str) -> u64 {
     v.iter().map(|r| r[key].as_u64().unwrap_or(0)).sum()
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+fn max(v: &[Value], key: &str) -> u64 {
+    v.iter()
+        .map(|r| r[key].as_u64().unwrap_or(0))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The workers' counters (`count` / `report` answers), summed; times are the latest of any
+/// worker, in ns since the epoch (0: never).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub open: u64,
+    pub delivered: u64,
+    pub untimed: u64,
+    pub duplicates: u64,
+    pub acks_sent: u64,
+    pub acks_confirmed: u64,
+    pub ack_errors: u64,
+    pub last_delivery_ns: u64,
+    pub last_ack_ns: u64,
+    pub last_ack_reply_ns: u64,
+}
+
+impl Counts {
+    fn of(v: &[Value]) -> Self {
+        Self {
+            open: sum(v, "open"),
+            delivered: sum(v, "delivered"),
+            untimed: sum(v, "untimed"),
+            duplicates: sum(v, "duplicates"),
+            acks_sent: sum(v, "acks_sent"),
+            acks_confirmed: sum(v, "acks_confirmed"),
+            ack_errors: sum(v, "ack_errors"),
+            last_delivery_ns: max(v, "last_delivery_ns"),
+            last_ack_ns: max(v, "last_ack_ns"),
+            last_ack_reply_ns: max(v, "last_ack_reply_ns"),
+        }
+    }
+}
+
+/// A `report`: the counters and the merged histograms.
+pub struct Report {
+    pub counts: Counts,
+    pub hist: Histogram<u64>,
+    pub ack_hist: Histogram<u64>,
+}
+
+/// A figure for a markdown cell: whole numbers without `.0`, strings without quotes, `-` for
+/// a figure that does not apply (null).
+pub(crate) fn cell(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }
@@ -378,7 +469,7 @@ fn git_describe() -> Option<String> {
 }
 
 /// The common header of every result object.
-fn run_record(
+pub(crate) fn run_record(
     scenario: &str,
     target: &str,
     server: &Server,
@@ -400,7 +491,7 @@ fn run_record(
     })
 }
 
-fn save(
+pub(crate) fn save(
     c: &Common,
     scenario: &str,
     run: &Value,
@@ -448,6 +539,7 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
         &target,
         a.connections,
         TopicMode::PerConnection("room/idle-".into()),
+        false,
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(a.settle_secs)).await;
@@ -544,7 +636,7 @@ pub async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu0 = server.sample()?.cpu_secs;
     let t0 = Instant::now();
-    let workers = Workers::start(&a.common, &target, a.connections, TopicMode::None).await?;
+    let workers = Workers::start(&a.common, &target, a.connections, TopicMode::None, false).await?;
     let wall = t0.elapsed().as_secs_f64();
     let cpu = server.sample()?.cpu_secs - cpu0;
     let open = workers.open();
@@ -789,6 +881,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         &target,
         a.subscribers,
         TopicMode::Shared(a.topic.clone()),
+        false,
     )
     .await?;
     for &rate in &a.rates {
@@ -862,6 +955,7 @@ pub async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
         &target,
         a.subscribers,
         TopicMode::Shared(a.topic.clone()),
+        false,
     )
     .await?;
     if a.warmup_secs > 0 {
@@ -938,4 +1032,19 @@ pub async fn latency(a: LatencyArgs) -> anyhow::Result<()> {
     workers.quit().await;
     server.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_cells() {
+        assert_eq!(cell(&json!(319028.0)), "319028");
+        assert_eq!(cell(&json!(2.626)), "2.626");
+        assert_eq!(cell(&json!(12)), "12");
+        assert_eq!(cell(&json!(-3)), "-3");
+        assert_eq!(cell(&json!("x")), "x");
+        assert_eq!(cell(&Value::Null), "-");
+    }
 }

@@ -1,9 +1,10 @@
-//! `herald-bench`: Herald's load generator (PERFORMANCE.md scenarios S1–S4).
+//! `herald-bench`: Herald's load generator (PERFORMANCE.md scenarios S1–S6).
 //!
 //! # Layout
 //!
-//! - `coordinator` — the scenarios: starts (or attaches to) the server, spawns worker
+//! - `coordinator` — the scenarios S1–S4: starts (or attaches to) the server, spawns worker
 //!   processes, publishes, samples the server from `/proc`, writes the result files.
+//! - `many_topics` (S5) and `durable` (S6) — Herald-only scenarios on the same machinery.
 //! - `worker` — `herald-bench worker`: a child process holding ≤ 15 000 subscriber
 //!   connections, counting deliveries and recording latencies; JSON lines on stdin/stdout.
 //! - `targets` — one file per server under test (`Target` for subscribers, `Publisher` for
@@ -16,7 +17,9 @@
 //! coordinator; workers ──JSON lines (counts, histograms)──▶ coordinator ──▶ result files.
 
 mod coordinator;
+mod durable;
 mod hist;
+mod many_topics;
 mod procfs;
 mod results;
 mod server;
@@ -45,6 +48,12 @@ enum Cmd {
     Fanout(coordinator::FanoutArgs),
     /// S4: as S3 at one fixed rate → publish-to-receive p50/p99/p99.9.
     Latency(coordinator::LatencyArgs),
+    /// S5: N connections on their own device topics, batches to M topics (1 % watched) →
+    /// publishes per server CPU-second, cost of an unwatched publish.
+    ManyTopics(many_topics::ManyTopicsArgs),
+    /// S6: U users, inbox messages on a durable store (SQLite/PostgreSQL), acked by the
+    /// clients → messages per second end to end, latencies, everything acked in the store.
+    Durable(durable::DurableArgs),
     /// Internal: a worker process (started by the coordinator).
     #[command(hide = true)]
     Worker {
@@ -70,6 +79,8 @@ fn main() -> anyhow::Result<()> {
             Cmd::Connect(a) => coordinator::connect(a).await,
             Cmd::Fanout(a) => coordinator::fanout(a).await,
             Cmd::Latency(a) => coordinator::latency(a).await,
+            Cmd::ManyTopics(a) => many_topics::many_topics(a).await,
+            Cmd::Durable(a) => durable::durable(a).await,
             Cmd::Worker { .. } => unreachable!("handled above"),
         }
     })

@@ -31,6 +31,38 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The command name (field 2, in parentheses) of a `/proc/<pid>/stat` line.
+pub fn parse_stat_comm(stat: &str) -> Option<&str> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    stat.get(open + 1..close)
+}
+
+/// CPU seconds used so far by every process whose command name is `comm` (e.g. `postgres`:
+/// the database server's own cost, outside the server under test), and how many there are.
+pub fn cpu_secs_of_comm(comm: &str) -> (f64, usize) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0.0, 0);
+    };
+    let (mut ticks, mut n) = (0u64, 0usize);
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if parse_stat_comm(&stat) == Some(comm)
+            && let Some(t) = parse_stat_ticks(&stat)
+        {
+            ticks += t;
+            n += 1;
+        }
+    }
+    (ticks as f64 / clock_ticks(), n)
+}
+
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux in practice).
 pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -98,6 +130,8 @@ mod tests {
                     100 2000000 1800 18446744073709551615";
         assert_eq!(parse_stat_ticks(stat), Some(325));
         assert_eq!(parse_stat_ticks("garbage"), None);
+        assert_eq!(parse_stat_comm(stat), Some("her ald"));
+        assert_eq!(parse_stat_comm("garbage"), None);
     }
 
     #[test]
@@ -105,6 +139,9 @@ mod tests {
         let s = sample(std::process::id()).expect("own /proc entry");
         assert!(s.rss_kib > 0);
         assert!(clock_ticks() > 0.0);
+        let stat = std::fs::read_to_string("/proc/self/stat").expect("own stat");
+        let comm = parse_stat_comm(&stat).expect("own comm").to_owned();
+        assert!(cpu_secs_of_comm(&comm).1 >= 1);
     }
 
     #[test]

@@ -21,9 +21,34 @@ use crate::targets::sockudo::SockudoSpec;
 pub const BENCH_SECRET: &str = "herald-bench-jwt-secret-0123456789abcdef0123456789";
 pub const BENCH_API_KEY: &str = "herald-bench-api-key-0123456789abcdef";
 
-/// The config of a bench-started Herald: memory store, limits raised so that only the
-/// server's own costs are measured (`send_queue` and heartbeats stay at their defaults).
-pub fn herald_config() -> String {
+/// Where a bench-started Herald keeps durable inboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeraldStore {
+    /// `store.url = "memory"` (S1–S5: nothing durable is published).
+    Memory,
+    /// A fresh SQLite file in the server's scratch directory (removed when it stops).
+    SqliteScratch,
+    /// Any `store.url` (e.g. PostgreSQL with `?options=-csearch_path%3D<schema>`).
+    Url(String),
+}
+
+impl HeraldStore {
+    /// The `store.url` for a server whose scratch directory is `dir`.
+    pub fn url(&self, dir: &Path) -> String {
+        match self {
+            Self::Memory => "memory".to_owned(),
+            Self::SqliteScratch => format!("sqlite://{}", dir.join("herald.db").display()),
+            Self::Url(u) => u.clone(),
+        }
+    }
+}
+
+/// The config of a bench-started Herald: limits raised so that only the server's own costs are
+/// measured (`send_queue` and heartbeats stay at their defaults); the API key has the `admin`
+/// scope too (S6 reads inboxes back). The topic rules are Herald's defaults (CONFIGURATION.md
+/// "Default rules": configuring any rule replaces them) plus `device/*/telemetry` for S5,
+/// with no `retain` or `history`, so a topic nobody watches keeps nothing.
+pub fn herald_config(store_url: &str) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -33,11 +58,11 @@ jwt_secret = "{BENCH_SECRET}"
 
 [[auth.api_keys]]
 key = "{BENCH_API_KEY}"
-scopes = ["publish"]
+scopes = ["publish", "admin"]
 name = "herald-bench"
 
 [store]
-url = "memory"
+url = "{store_url}"
 
 [limits]
 subscribes_per_second = 100000
@@ -45,6 +70,31 @@ ingest_per_second = 10000000
 
 [log]
 level = "warn"
+
+[[topics]]
+pattern = "user/{{sub}}/**"
+subscribe = "allow"
+
+[[topics]]
+pattern = "broadcast"
+subscribe = "allow"
+
+[[topics]]
+pattern = "global/**"
+subscribe = "allow"
+
+[[topics]]
+pattern = "org/{{org_id}}/**"
+subscribe = "allow"
+
+[[topics]]
+pattern = "room/*"
+subscribe = "allow"
+publish = "allow"
+
+[[topics]]
+pattern = "device/*/telemetry"
+subscribe = "allow"
 "#
     )
 }
@@ -96,11 +146,16 @@ fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Starts `bin serve` with [`herald_config`] and waits for its `listening on http://…` line.
-pub async fn start_herald(bin: &Path) -> anyhow::Result<(Managed, HeraldSpec)> {
+/// Returns the `store.url` it was given too.
+pub async fn start_herald(
+    bin: &Path,
+    store: &HeraldStore,
+) -> anyhow::Result<(Managed, HeraldSpec, String)> {
     let dir = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("herald.toml");
-    std::fs::write(&config, herald_config())?;
+    let store_url = store.url(&dir);
+    std::fs::write(&config, herald_config(&store_url))?;
     let mut child = Command::new(bin)
         .arg("serve")
         .arg("--config")
@@ -119,7 +174,7 @@ pub async fn start_herald(bin: &Path) -> anyhow::Result<(Managed, HeraldSpec)> {
         secret: BENCH_SECRET.to_owned(),
         api_key: BENCH_API_KEY.to_owned(),
     };
-    Ok((Managed { child, pid, dir }, spec))
+    Ok((Managed { child, pid, dir }, spec, store_url))
 }
 
 /// A free loopback port (bound then released: a small race, acceptable on a bench machine).
@@ -365,10 +420,31 @@ mod tests {
 
     #[test]
     fn config_is_valid_toml_with_the_known_credentials() {
-        let text = super::herald_config();
+        let text = super::herald_config("memory");
         let v: toml_like::Doc = toml_like::parse(&text);
         assert!(v.has("jwt_secret"));
         assert!(v.has("ingest_per_second"));
+        assert!(text.contains(r#"url = "memory""#));
+        // S5 subscribes to device topics; S1/S3 to rooms; the defaults stay.
+        for rule in ["device/*/telemetry", "room/*", "user/{sub}/**", "broadcast"] {
+            assert!(text.contains(&format!("pattern = \"{rule}\"")), "{rule}");
+        }
+        assert!(!text.contains("retain") && !text.contains("history"));
+    }
+
+    #[test]
+    fn store_urls() {
+        use super::HeraldStore;
+        let dir = std::path::Path::new("/tmp/x");
+        assert_eq!(HeraldStore::Memory.url(dir), "memory");
+        assert_eq!(
+            HeraldStore::SqliteScratch.url(dir),
+            "sqlite:///tmp/x/herald.db"
+        );
+        assert_eq!(
+            HeraldStore::Url("postgres://h/d".into()).url(dir),
+            "postgres://h/d"
+        );
     }
 
     /// Tiny check without a toml dependency: every non-empty line is a table header or

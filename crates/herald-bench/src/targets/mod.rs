@@ -114,6 +114,15 @@ pub enum Incoming {
     Delivery(Option<u64>),
     /// Something the protocol requires us to answer (e.g. NATS `PING` → `PONG`).
     Reply(Message),
+    /// A durable message to acknowledge (S6): its send timestamp and its message id.
+    Durable { ts: Option<u64>, id: String },
+    /// The server's answer to one of our acks: when the ack was sent (ns since the epoch, if
+    /// the answer carries it), how many messages it newly acknowledged, and whether it was ok.
+    AckReply {
+        sent_ns: Option<u64>,
+        acked: u64,
+        ok: bool,
+    },
 }
 
 /// A server under test, seen from one subscriber connection.
@@ -132,6 +141,11 @@ pub trait Target: Send + Sync + 'static {
     /// Reports what `msg` holds to `on` (a frame may carry several deliveries: NATS
     /// coalesces `MSG`s); frames of no interest report nothing.
     fn classify(&self, msg: &Message, on: &mut dyn FnMut(Incoming));
+    /// The frame acknowledging durable message `id`, sent at `sent_ns` (targets without
+    /// durable messages: none).
+    fn ack(&self, _id: &str, _sent_ns: u64) -> Option<Message> {
+        None
+    }
 }
 
 /// The coordinator's publisher for a target.

@@ -110,6 +110,28 @@ pub async fn publish(
     req: PublishRequest,
     from: Option<&str>,
 ) -> Result<Published, Error> {
+    let mut p = prepare(state, req, from)?;
+    if let Some(dup) = store(state, &mut p).await? {
+        return Ok(dup);
+    }
+    deliver(state, p, from).await
+}
+
+/// A validated publish, built once: the message, and its inbox record when durable.
+pub struct Prepared {
+    msg: herald_core::message::Message,
+    record: Option<InboxRecord>,
+    options: herald_core::acl::TopicOptions,
+    partition: Option<String>,
+    durable: bool,
+}
+
+/// Validates `req` and builds its message (no I/O).
+pub fn prepare(
+    state: &AppState,
+    req: PublishRequest,
+    from: Option<&str>,
+) -> Result<Prepared, Error> {
     let topic = Topic::parse(&req.topic)?;
     let event = req.event.unwrap_or_else(|| "message".to_owned());
     check_token("event", &event)?;
@@ -156,36 +178,66 @@ pub async fn publish(
     b.durable = durable;
     b.from = from.map(str::to_owned);
     let msg = b.build();
+    let record = inbox_user.map(|user| InboxRecord {
+        id: msg.id.to_string(),
+        user,
+        topic: msg.topic.as_str().to_owned(),
+        event: msg.event.to_string(),
+        data: msg.data.clone(),
+        trace_id: msg.trace_id.as_deref().map(str::to_owned),
+        status: InboxStatus::Pending,
+        retry_count: 0,
+        created_at: msg.ts,
+        updated_at: msg.ts,
+    });
+    Ok(Prepared {
+        msg,
+        record,
+        options,
+        partition: req.partition,
+        durable,
+    })
+}
 
-    let mut status = "published";
-    if let Some(user) = inbox_user {
-        let record = InboxRecord {
-            id: msg.id.to_string(),
-            user,
-            topic: msg.topic.as_str().to_owned(),
-            event: msg.event.to_string(),
-            data: msg.data.clone(),
-            trace_id: msg.trace_id.as_deref().map(str::to_owned),
-            status: InboxStatus::Pending,
-            retry_count: 0,
-            created_at: msg.ts,
-            updated_at: msg.ts,
-        };
-        // Stored before the publisher is answered; a duplicate id stores and delivers nothing.
-        if state.store.insert(record).await? == Inserted::Duplicate {
-            return Ok(Published {
-                id: msg.id.to_string(),
-                seq: None,
-                status: "duplicate",
-            });
-        }
-        status = InboxStatus::Pending.as_str();
+/// Stores a durable message (committed before the publisher is answered); `Some` when the id
+/// was already stored: a duplicate stores and delivers nothing. Ephemeral messages pass.
+pub async fn store(state: &AppState, p: &mut Prepared) -> Result<Option<Published>, Error> {
+    let Some(record) = p.record.take() else {
+        return Ok(None);
+    };
+    if state.store.insert(record).await? == Inserted::Duplicate {
+        return Ok(Some(Published {
+            id: p.msg.id.to_string(),
+            seq: None,
+            status: "duplicate",
+        }));
     }
+    Ok(None)
+}
 
-    let ordered = options.history.is_some() || options.retain || req.partition.is_some();
+/// Appends to history, retains, and hands the message to the bus, in publish order per topic
+/// (or partition).
+pub async fn deliver(
+    state: &AppState,
+    p: Prepared,
+    from: Option<&str>,
+) -> Result<Published, Error> {
+    let Prepared {
+        msg,
+        options,
+        partition,
+        durable,
+        ..
+    } = p;
+    let status = if durable {
+        InboxStatus::Pending.as_str()
+    } else {
+        "published"
+    };
+    let ordered = options.history.is_some() || options.retain || partition.is_some();
     // Topics with history or a retained value are ordered per topic (subscribers resume under
     // the same lock); other topics per partition key when one is given.
-    let key = match &req.partition {
+    let key = match &partition {
         Some(p) if options.history.is_none() && !options.retain => p.as_str(),
         _ => msg.topic.as_str(),
     };

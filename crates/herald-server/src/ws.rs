@@ -688,10 +688,17 @@ async fn write_batch(
                 .record(t.elapsed().as_secs_f64());
         }
     }
-    if !durable_ids.is_empty()
-        && let Err(e) = state.store.mark_sent(&conn.user, &durable_ids).await
-    {
-        tracing::warn!(error = %e, "could not mark durable messages sent");
+    if !durable_ids.is_empty() {
+        // Not awaited here: the connection goes on writing while the store groups this with
+        // other status changes into its next commit. Order with a later `ack` does not matter
+        // (`sent` only applies to rows still `pending`).
+        let store = state.store.clone();
+        let user = conn.user.clone();
+        state.tasks.spawn(async move {
+            if let Err(e) = store.mark_sent(&user, &durable_ids).await {
+                tracing::warn!(error = %e, "could not mark durable messages sent");
+            }
+        });
     }
     Ok(())
 }

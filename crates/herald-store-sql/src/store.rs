@@ -67,7 +67,7 @@ pub struct SqlStore {
 
 /// Status updates, each restricted to the user's rows not in a final state for it.
 #[derive(Clone, Copy)]
-enum Update {
+pub(crate) enum Update {
     Sent,
     Acked,
     Retry,
@@ -76,7 +76,7 @@ enum Update {
 
 impl Update {
     /// `SET …` and the status condition of the rows it touches.
-    fn sql(self) -> (&'static str, &'static str) {
+    pub(crate) fn sql(self) -> (&'static str, &'static str) {
         match self {
             Self::Sent => ("status = 'sent'", "status = 'pending'"),
             Self::Acked => ("status = 'acked'", "status <> 'acked'"),
@@ -90,7 +90,7 @@ impl Update {
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Ids per `IN (…)` list.
-const IDS_PER_STATEMENT: usize = 500;
+pub(crate) const IDS_PER_STATEMENT: usize = 500;
 
 impl SqlStore {
     /// Opens the store named by `url` (see [`crate::connect`]), applies missing migrations and
@@ -178,39 +178,14 @@ impl SqlStore {
         to_db_ms(now_ms().saturating_sub(duration_ms(self.retention.max_age)))
     }
 
+    /// Status changes go through the writer too: every change queued while a commit is in
+    /// flight shares the next one (one fsync for many acks), instead of one commit each.
     async fn update(&self, update: Update, user: &str, ids: &[String]) -> Result<u64, StoreError> {
-        let ids = distinct(ids);
+        let ids: Vec<String> = distinct(ids).into_iter().map(str::to_owned).collect();
         if ids.is_empty() {
             return Ok(0);
         }
-        let (set, only) = update.sql();
-        let now = to_db_ms(now_ms());
-        self.bounded(self.op_timeout, async {
-            let mut touched = 0;
-            for chunk in ids.chunks(IDS_PER_STATEMENT) {
-                touched += with_pool!(&self.pool, |p, Db| {
-                    let mut qb = QueryBuilder::<Db>::new(format!(
-                        "UPDATE messages SET {set}, updated_at = "
-                    ));
-                    qb.push_bind(now);
-                    qb.push(" WHERE user_id = ");
-                    qb.push_bind(user);
-                    qb.push(format!(" AND {only} AND id IN ("));
-                    let mut list = qb.separated(", ");
-                    for id in chunk {
-                        list.push_bind(*id);
-                    }
-                    qb.push(")");
-                    qb.build()
-                        .persistent(false)
-                        .execute(p)
-                        .await?
-                        .rows_affected()
-                });
-            }
-            Ok(touched)
-        })
-        .await
+        self.writer.update(update, user.to_owned(), ids).await
     }
 
     async fn select(

@@ -1,6 +1,11 @@
-//! The single writer of a store: group commit for `insert`.
+//! The single writer of a store: group commit for `insert` and for status updates.
 //!
-//! Callers queue `(record, reply)` and wait. The writer task takes everything queued (up to
+//! Callers queue `(record, reply)` or `(update, reply)` and wait. Status updates (`sent`,
+//! `acked`, retries, `failed`) queued together share one transaction after the inserts taken
+//! with them: one fsync for all the acks that arrived while the previous commit ran, not one
+//! each (S6 in PERFORMANCE.md).
+//!
+//! For inserts: The writer task takes everything queued (up to
 //! `batch_max`), writes it in one transaction and answers each caller only after COMMIT, so a
 //! publisher is never told "stored" before the row is durable, and N concurrent publishes
 //! cost one commit (one fsync) instead of N. What must stay true:
@@ -23,15 +28,42 @@ use herald_core::store::{InboxRecord, Inserted, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout_at};
 
+use herald_core::message::now_ms;
+use sqlx::QueryBuilder;
+
 use crate::Options;
-use crate::backend::{Failure, Pool, classify, insert_batch};
-use crate::store::{Backend, WriteStats};
+use crate::backend::{Failure, Pool, classify, insert_batch, with_pool};
+use crate::record::to_db_ms;
+use crate::store::{Backend, IDS_PER_STATEMENT, Update, WriteStats};
 
 type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
 
-struct Job {
+enum Job {
+    Insert(InsertJob),
+    Update(UpdateJob),
+}
+
+impl Job {
+    /// The caller gave up (timeout, cancelled request).
+    fn abandoned(&self) -> bool {
+        match self {
+            Self::Insert(j) => j.reply.is_closed(),
+            Self::Update(j) => j.reply.is_closed(),
+        }
+    }
+}
+
+struct InsertJob {
     record: InboxRecord,
     reply: Reply,
+}
+
+/// One status change for some of a user's messages (distinct ids).
+struct UpdateJob {
+    update: Update,
+    user: String,
+    ids: Vec<String>,
+    reply: oneshot::Sender<Result<u64, StoreError>>,
 }
 
 #[derive(Default)]
@@ -79,18 +111,43 @@ impl Writer {
 
     pub(crate) async fn insert(&self, record: InboxRecord) -> Result<Inserted, StoreError> {
         crate::record::check(&record)?;
+        let (reply, answer) = oneshot::channel();
+        self.call(Job::Insert(InsertJob { record, reply }), answer, "insert")
+            .await
+    }
+
+    /// Applies `update` to the user's messages `ids` (distinct); how many rows changed.
+    pub(crate) async fn update(
+        &self,
+        update: Update,
+        user: String,
+        ids: Vec<String>,
+    ) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Update(UpdateJob {
+            update,
+            user,
+            ids,
+            reply,
+        });
+        self.call(job, answer, "update").await
+    }
+
+    /// Queues `job` and waits for its answer, within the caller's bound.
+    async fn call<T>(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+        what: &str,
+    ) -> Result<T, StoreError> {
         let stopped = || {
             StoreError::Unavailable(format!(
                 "{}: the store writer has stopped",
                 self.backend.name()
             ))
         };
-        let (reply, answer) = oneshot::channel();
         let wait = async {
-            self.queue
-                .send(Job { record, reply })
-                .await
-                .map_err(|_| stopped())?;
+            self.queue.send(job).await.map_err(|_| stopped())?;
             answer.await.map_err(|_| stopped())?
         };
         // On timeout the job may still be queued; the writer skips it if it has not started
@@ -101,7 +158,7 @@ impl Writer {
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(format!(
-                    "{}: insert not answered within {:?}",
+                    "{}: {what} not answered within {:?}",
                     self.backend.name(),
                     self.call_timeout
                 )))
@@ -121,25 +178,77 @@ struct Task {
 impl Task {
     async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.batch_max);
+        let mut inserts = Vec::new();
+        let mut updates = Vec::new();
         // `recv_many` waits for one job, then takes whatever else is queued: batches grow by
         // themselves while a commit is in flight, and a lone insert is not delayed.
         while self.jobs.recv_many(&mut batch, self.batch_max).await > 0 {
-            // A caller that gave up (timeout, cancelled request) is not written for.
-            batch.retain(|job| !job.reply.is_closed());
-            if !batch.is_empty() {
-                self.write(&mut batch).await;
+            for job in batch.drain(..) {
+                // A caller that gave up (timeout, cancelled request) is not written for.
+                if job.abandoned() {
+                    continue;
+                }
+                match job {
+                    Job::Insert(j) => inserts.push(j),
+                    Job::Update(j) => updates.push(j),
+                }
             }
-            batch.clear();
+            if !inserts.is_empty() {
+                self.write(&mut inserts).await;
+            }
+            if !updates.is_empty() {
+                self.write_updates(&mut updates).await;
+            }
+        }
+    }
+
+    /// Applies the status changes in one transaction and answers each. They cannot be
+    /// refused one by one (an update of rows that are not there touches nothing), so a
+    /// failure fails them all.
+    async fn write_updates(&mut self, jobs: &mut Vec<UpdateJob>) {
+        const TRIES: u32 = 4;
+        let deadline = Instant::now() + self.write_timeout;
+        let mut tries = 0;
+        let outcome = loop {
+            tries += 1;
+            match timeout_at(deadline, update_batch(&self.pool, jobs)).await {
+                Ok(Ok(touched)) => break Ok(touched),
+                Ok(Err(e)) => match classify(self.backend, &e) {
+                    Failure::Conflict if tries < TRIES => {
+                        tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
+                    }
+                    _ => {
+                        break Err(StoreError::Unavailable(format!(
+                            "{}: {e}",
+                            self.backend.name()
+                        )));
+                    }
+                },
+                Err(_) => break Err(self.timed_out()),
+            }
+        };
+        match outcome {
+            Ok(touched) => {
+                for (job, n) in jobs.drain(..).zip(touched) {
+                    let _ = job.reply.send(Ok(n));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, updates = jobs.len(), "store status update failed");
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 
     /// Writes the batch and answers every job in it.
-    async fn write(&mut self, batch: &mut Vec<Job>) {
+    async fn write(&mut self, batch: &mut Vec<InsertJob>) {
         // Repeated ids within the batch are written once; the first caller owns the record.
         let mut unique: Vec<InboxRecord> = Vec::with_capacity(batch.len());
         let mut first_of: HashMap<String, usize> = HashMap::with_capacity(batch.len());
         let mut replies: Vec<(Reply, usize, bool)> = Vec::with_capacity(batch.len());
-        for Job { record, reply } in batch.drain(..) {
+        for InsertJob { record, reply } in batch.drain(..) {
             match first_of.get(&record.id) {
                 Some(&i) => replies.push((reply, i, false)),
                 None => {
@@ -251,7 +360,10 @@ impl Task {
     /// wait out its own timeout. New inserts try again.
     fn fail_queued(&mut self, error: &StoreError) {
         while let Ok(job) = self.jobs.try_recv() {
-            let _ = job.reply.send(Err(error.clone()));
+            match job {
+                Job::Insert(j) => drop(j.reply.send(Err(error.clone()))),
+                Job::Update(j) => drop(j.reply.send(Err(error.clone()))),
+            }
         }
     }
 
@@ -262,4 +374,39 @@ impl Task {
             self.write_timeout
         ))
     }
+}
+
+/// Applies each job's status change in one transaction; rows touched per job.
+async fn update_batch(pool: &Pool, jobs: &[UpdateJob]) -> Result<Vec<u64>, sqlx::Error> {
+    let now = to_db_ms(now_ms());
+    with_pool!(pool, |p, Db| {
+        let mut tx = p.begin().await?;
+        let mut touched = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let (set, only) = job.update.sql();
+            let mut n = 0;
+            for chunk in job.ids.chunks(IDS_PER_STATEMENT) {
+                let mut qb =
+                    QueryBuilder::<Db>::new(format!("UPDATE messages SET {set}, updated_at = "));
+                qb.push_bind(now);
+                qb.push(" WHERE user_id = ");
+                qb.push_bind(job.user.as_str());
+                qb.push(format!(" AND {only} AND id IN ("));
+                let mut list = qb.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                qb.push(")");
+                n += qb
+                    .build()
+                    .persistent(false)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            touched.push(n);
+        }
+        tx.commit().await?;
+        Ok(touched)
+    })
 }

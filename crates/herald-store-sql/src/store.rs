@@ -66,7 +66,7 @@ pub struct SqlStore {
 }
 
 /// Status updates, each restricted to the user's rows not in a final state for it.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Update {
     Sent,
     Acked,

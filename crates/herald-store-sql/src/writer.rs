@@ -211,7 +211,7 @@ impl Task {
         let mut tries = 0;
         let outcome = loop {
             tries += 1;
-            match timeout_at(deadline, update_batch(&self.pool, jobs)).await {
+            match timeout_at(deadline, update_batch(&self.pool, self.backend, jobs)).await {
                 Ok(Ok(touched)) => break Ok(touched),
                 Ok(Err(e)) => match classify(self.backend, &e) {
                     Failure::Conflict if tries < TRIES => {
@@ -376,8 +376,72 @@ impl Task {
     }
 }
 
-/// Applies each job's status change in one transaction; rows touched per job.
-async fn update_batch(pool: &Pool, jobs: &[UpdateJob]) -> Result<Vec<u64>, sqlx::Error> {
+/// Applies every job's status change in one transaction; rows touched per job. On SQLite and
+/// PostgreSQL the jobs of one kind become one statement per 500 messages (`(user_id, id) IN
+/// (…) RETURNING`, the returned rows credited to their jobs): a round trip per statement, not
+/// per job, is what bounds the writer there. MySQL has no `RETURNING`: one statement per job.
+async fn update_batch(
+    pool: &Pool,
+    backend: Backend,
+    jobs: &[UpdateJob],
+) -> Result<Vec<u64>, sqlx::Error> {
+    if backend == Backend::MySql {
+        return update_each(pool, jobs).await;
+    }
+    let now = to_db_ms(now_ms());
+    let mut touched = vec![0u64; jobs.len()];
+    with_pool!(pool, |p, Db| {
+        let mut tx = p.begin().await?;
+        // Any order of kinds gives the same end state: each applies only to rows not yet in a
+        // final state for it (see `Update::sql`).
+        for kind in [Update::Sent, Update::Retry, Update::Failed, Update::Acked] {
+            // (user, id) → the first job asking; a repeated pair is written once and credited
+            // once, as two statements in a row would have done.
+            let mut owner: HashMap<(&str, &str), usize> = HashMap::new();
+            let mut pairs: Vec<(&str, &str)> = Vec::new();
+            for (i, job) in jobs.iter().enumerate().filter(|(_, j)| j.update == kind) {
+                for id in &job.ids {
+                    let key = (job.user.as_str(), id.as_str());
+                    if let std::collections::hash_map::Entry::Vacant(v) = owner.entry(key) {
+                        v.insert(i);
+                        pairs.push(key);
+                    }
+                }
+            }
+            let (set, only) = kind.sql();
+            for chunk in pairs.chunks(IDS_PER_STATEMENT) {
+                let mut qb =
+                    QueryBuilder::<Db>::new(format!("UPDATE messages SET {set}, updated_at = "));
+                qb.push_bind(now);
+                qb.push(format!(" WHERE {only} AND (user_id, id) IN ("));
+                let mut list = qb.separated(", ");
+                for (user, id) in chunk {
+                    list.push("(");
+                    list.push_bind_unseparated(*user);
+                    list.push_unseparated(", ");
+                    list.push_bind_unseparated(*id);
+                    list.push_unseparated(")");
+                }
+                qb.push(") RETURNING user_id, id");
+                let rows: Vec<(String, String)> = qb
+                    .build_query_as()
+                    .persistent(false)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for (user, id) in &rows {
+                    if let Some(&i) = owner.get(&(user.as_str(), id.as_str())) {
+                        touched[i] += 1;
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(touched)
+    })
+}
+
+/// [`update_batch`] for MySQL: one statement per job, one transaction.
+async fn update_each(pool: &Pool, jobs: &[UpdateJob]) -> Result<Vec<u64>, sqlx::Error> {
     let now = to_db_ms(now_ms());
     with_pool!(pool, |p, Db| {
         let mut tx = p.begin().await?;

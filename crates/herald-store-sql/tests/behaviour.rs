@@ -53,6 +53,7 @@ suite!(
     concurrent_duplicates,
     replay_order,
     sent_and_ack,
+    concurrent_updates_share_commits,
     retries_and_failed,
     list_filters,
     purge_by_count,
@@ -216,6 +217,63 @@ async fn sent_and_ack(db: &TestDb) {
     // Many ids at once (several statements).
     let many: Vec<String> = (0..1200).map(|i| format!("many-{i}")).collect();
     assert_eq!(s.ack("frank", &many).await.unwrap(), 0);
+}
+
+/// Status changes from many users at once are grouped into shared commits by the writer;
+/// each caller still gets exactly its own count, and nobody touches another user's rows.
+async fn concurrent_updates_share_commits(db: &TestDb) {
+    let store = db.open().await;
+    let s: &dyn Store = &store;
+    let users: Vec<String> = (0..20).map(|u| format!("u{u}")).collect();
+    for u in &users {
+        for m in 0..5 {
+            s.insert(rec(&format!("{u}-{m}"), u)).await.unwrap();
+        }
+    }
+    // Every user at once: mark 0..4 sent, ack 0..2 (twice, concurrently), and try to ack
+    // the next user's message 0.
+    let work = users.iter().enumerate().map(|(n, u)| {
+        let next = &users[(n + 1) % users.len()];
+        async move {
+            let mine =
+                |ms: &[usize]| -> Vec<String> { ms.iter().map(|m| format!("{u}-{m}")).collect() };
+            let (to_send, to_ack) = (mine(&[0, 1, 2, 3]), mine(&[0, 1, 2]));
+            let theirs = [format!("{next}-0"), format!("{next}-4")];
+            let (sent, a, b, theirs) = tokio::join!(
+                s.mark_sent(u, &to_send),
+                s.ack(u, &to_ack),
+                s.ack(u, &to_ack),
+                s.ack(u, &theirs),
+            );
+            sent.unwrap();
+            (a.unwrap() + b.unwrap(), theirs.unwrap())
+        }
+    });
+    let results = futures_util::future::join_all(work).await;
+    for (n, (acked, theirs)) in results.into_iter().enumerate() {
+        assert_eq!(
+            acked, 3,
+            "user {n}: each message acked once across both calls"
+        );
+        assert_eq!(theirs, 0, "user {n}: another user's ids touch nothing");
+    }
+    for u in &users {
+        let acked = s.list(u, Some(InboxStatus::Acked), 10).await.unwrap();
+        let mut acked = ids(&acked);
+        acked.sort();
+        assert_eq!(
+            acked,
+            [format!("{u}-0"), format!("{u}-1"), format!("{u}-2")]
+        );
+        assert_eq!(
+            ids(&s.list(u, Some(InboxStatus::Sent), 10).await.unwrap()),
+            [format!("{u}-3")]
+        );
+        assert_eq!(
+            ids(&s.list(u, Some(InboxStatus::Pending), 10).await.unwrap()),
+            [format!("{u}-4")]
+        );
+    }
 }
 
 async fn retries_and_failed(db: &TestDb) {

@@ -143,7 +143,10 @@ async fn open_sqlite(url: &str, o: &Options) -> Result<Pool, SetupError> {
         .busy_timeout(o.busy_timeout)
         // FULL: each (batched) commit is fsynced before the publisher is answered, so an
         // acknowledged durable message survives a power failure too, not only a crash.
-        .synchronous(SqliteSynchronous::Full);
+        .synchronous(SqliteSynchronous::Full)
+        // Statement journals (multi-row statements inside a batch transaction) in memory, not
+        // in temporary files: they only matter until the statement ends.
+        .pragma("temp_store", "MEMORY");
     let in_memory = is_sqlite_memory(url);
     let (opts, pool) = if in_memory {
         // One connection, kept for the life of the pool: the database lives and dies with it.

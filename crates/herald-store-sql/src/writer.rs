@@ -413,7 +413,15 @@ async fn update_batch(
                 let mut qb =
                     QueryBuilder::<Db>::new(format!("UPDATE messages SET {set}, updated_at = "));
                 qb.push_bind(now);
-                qb.push(format!(" WHERE {only} AND (user_id, id) IN ("));
+                // `id IN (…)` first: the planner finds the rows by the unique index on `id`
+                // (PostgreSQL scans the table for a row-value list alone); the pairs then keep
+                // each update to its own user's rows.
+                qb.push(format!(" WHERE {only} AND id IN ("));
+                let mut list = qb.separated(", ");
+                for (_, id) in chunk {
+                    list.push_bind(*id);
+                }
+                qb.push(") AND (user_id, id) IN (");
                 let mut list = qb.separated(", ");
                 for (user, id) in chunk {
                     list.push("(");

@@ -8,16 +8,19 @@
 //! - `url`: scheme parsing and password redaction;
 //! - `backend`: the pools, connecting, migrations (`herald_schema_version`) and the batched
 //!   multi-row insert of each backend;
-//! - `store`: [`SqlStore`], the [`Store`] implementation; reads and updates are written once
-//!   and run on whichever pool is open;
+//! - `store`: [`SqlStore`], the [`Store`] implementation; reads are written once and run on
+//!   whichever pool is open;
 //! - `writer`: the single writer task that turns concurrent `insert` calls into one
-//!   transaction per batch (group commit);
+//!   transaction per batch, and concurrent status updates (`sent`, `acked`, retries,
+//!   `failed`) into one more (group commit);
 //! - `record`: conversions between [`herald_core::store::InboxRecord`] and rows, and the
 //!   column limits.
 //!
 //! Data flows: `insert` → the writer's queue → one transaction for everything queued (a
 //! multi-row insert that skips existing ids) → COMMIT → each caller is answered `New` or
-//! `Duplicate`. Reads and status updates go straight to the pool.
+//! `Duplicate`. Status updates take the same queue: those queued together share one
+//! transaction (on SQLite and PostgreSQL one statement per kind and 500 messages). Reads go
+//! straight to the pool.
 //!
 //! # Semantics
 //!

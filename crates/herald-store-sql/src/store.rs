@@ -1,5 +1,5 @@
-//! [`SqlStore`]: the [`Store`] trait on an open pool. Inserts go through the batching writer;
-//! reads and status updates are written once here and compiled for each backend.
+//! [`SqlStore`]: the [`Store`] trait on an open pool. Inserts and status updates go through
+//! the batching writer; reads are written once here and compiled for each backend.
 
 use std::future::Future;
 use std::time::Duration;

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::SinkExt as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Incoming, Publisher, Target, Ws, extract_ts};
+use super::{Incoming, Publisher, Target, Ws, extract_ts, next_text};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeraldSpec {
@@ -37,21 +37,6 @@ impl Herald {
     pub fn new(spec: HeraldSpec) -> Self {
         let key = EncodingKey::from_secret(spec.secret.as_bytes());
         Self { spec, key }
-    }
-}
-
-/// The next text frame, failing on close or after 30 s.
-async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .context("timed out waiting for the server")?
-            .context("connection closed")??;
-        match msg {
-            Message::Text(t) => return Ok(t.as_str().to_owned()),
-            Message::Close(c) => bail!("closed by the server: {c:?}"),
-            _ => {}
-        }
     }
 }
 
@@ -76,7 +61,7 @@ impl Target for Herald {
         _conn: usize,
         topic: Option<&str>,
     ) -> anyhow::Result<()> {
-        let welcome = next_text(ws).await?;
+        let welcome = next_text(ws, "Herald").await?;
         if !welcome.contains(r#""type":"welcome""#) {
             bail!("expected a welcome, got {welcome}");
         }
@@ -84,7 +69,7 @@ impl Target for Herald {
         let sub = json!({"type": "subscribe", "id": 1, "topic": topic}).to_string();
         ws.send(Message::text(sub)).await?;
         loop {
-            let frame = next_text(ws).await?;
+            let frame = next_text(ws, "Herald").await?;
             if frame.contains(r#""type":"reply""#) {
                 if frame.contains(r#""code":0"#) {
                     return Ok(());
@@ -171,10 +156,7 @@ pub struct HeraldPublisher {
 impl HeraldPublisher {
     pub fn new(spec: &HeraldSpec) -> anyhow::Result<Self> {
         Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(4)
-                .build()?,
+            client: super::http_client()?,
             one: format!("{}/api/v1/publish", spec.http_url),
             batch: format!("{}/api/v1/publish/batch", spec.http_url),
             auth: format!("Bearer {}", spec.api_key),
@@ -337,29 +319,22 @@ impl HeraldApi {
 
     /// POSTs `body` to `path`; the answer's bytes on HTTP 2xx, else an error with the answer.
     pub async fn post(&self, path: &str, body: String) -> anyhow::Result<Bytes> {
-        let res = self
+        let req = self
             .client
             .post(format!("{}{path}", self.base))
-            .header("authorization", &self.auth)
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        let status = res.status();
-        let bytes = res.bytes().await?;
-        if !status.is_success() {
-            bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
-        }
-        Ok(bytes)
+            .body(body);
+        self.send(path, req).await
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
-        let res = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .header("authorization", &self.auth)
-            .send()
-            .await?;
+        let req = self.client.get(format!("{}{path}", self.base));
+        self.send(path, req).await
+    }
+
+    /// Sends `req` with the API key; the answer's bytes on HTTP 2xx, else an error with them.
+    async fn send(&self, path: &str, req: reqwest::RequestBuilder) -> anyhow::Result<Bytes> {
+        let res = req.header("authorization", &self.auth).send().await?;
         let status = res.status();
         let bytes = res.bytes().await?;
         if !status.is_success() {

@@ -175,6 +175,15 @@ pub async fn next_text(ws: &mut Ws, who: &str) -> anyhow::Result<String> {
     }
 }
 
+/// The publishers' keep-alive HTTP client: the same settings for every target, so no peer is
+/// published to differently from another.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(4)
+        .build()?)
+}
+
 /// Opens a WebSocket to `url` from `local` (a loopback source address, to spread beyond one
 /// address's ephemeral ports) with small buffers: the generator holds many idle sockets too.
 pub async fn open_ws(url: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {

@@ -5,8 +5,6 @@
 //! `{"topic":…,"payloads":[…]}` (every due message in one request), shared with the
 //! Socket.IO peer ([`JsonPublisher`]).
 
-use std::time::Duration;
-
 use anyhow::bail;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
@@ -74,10 +72,7 @@ pub struct JsonPublisher {
 impl JsonPublisher {
     pub fn new(http_url: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(4)
-                .build()?,
+            client: super::http_client()?,
             url: format!("{}/publish", http_url.trim_end_matches('/')),
         })
     }

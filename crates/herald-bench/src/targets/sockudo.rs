@@ -12,8 +12,6 @@
 //! Pusher channel names allow only `[A-Za-z0-9_\-=@,.;]`: topics are mapped with [`channel`]
 //! (`room/bench` → `room-bench`) on both sides.
 
-use std::time::Duration;
-
 use anyhow::bail;
 use futures_util::SinkExt as _;
 use hmac::{Hmac, Mac as _};
@@ -158,10 +156,7 @@ pub struct SockudoPublisher {
 impl SockudoPublisher {
     pub fn new(spec: &SockudoSpec) -> anyhow::Result<Self> {
         Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(4)
-                .build()?,
+            client: super::http_client()?,
             http_url: spec.http_url.trim_end_matches('/').to_owned(),
             key: spec.key.clone(),
             secret: spec.secret.clone(),

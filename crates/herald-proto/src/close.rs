@@ -1,5 +1,7 @@
 //! WebSocket close codes used by Herald (SPEC §2 "Codes").
 
+/// Normal closure: the echo of a client's close frame that carried no code.
+pub const NORMAL: u16 = 1000;
 /// Frame or message larger than the configured limit.
 pub const TOO_LARGE: u16 = 1009;
 /// Server restart: reconnect (sent at the end of a graceful drain).

@@ -270,7 +270,7 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
         let text = match frame {
             WsMessage::Text(t) => t,
             WsMessage::Ping(p) => {
-                if timeout(limits.write_timeout, ws.send_pong(&p))
+                if bounded(limits.write_timeout, ws.send_pong(&p))
                     .await
                     .map_or(true, |r| r.is_err())
                 {
@@ -507,7 +507,7 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
                     WsMessage::Binary(_) => reject(state, ctx, None, Error::BadRequest("binary frames are not supported by herald.json.v1".into())),
                     WsMessage::Close(code) => {
                         // Echo the close (RFC 6455 §5.5.1), then end.
-                        send_close(ws, code.unwrap_or(1000), "", limits.write_timeout).await;
+                        send_close(ws, code.unwrap_or(close::NORMAL), "", limits.write_timeout).await;
                         return "client";
                     }
                     WsMessage::Ping(p) => {

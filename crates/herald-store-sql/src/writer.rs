@@ -19,6 +19,7 @@
 //!   whole batch.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,27 +207,11 @@ impl Task {
     /// refused one by one (an update of rows that are not there touches nothing), so a
     /// failure fails them all.
     async fn write_updates(&mut self, jobs: &mut Vec<UpdateJob>) {
-        const TRIES: u32 = 4;
         let deadline = Instant::now() + self.write_timeout;
-        let mut tries = 0;
-        let outcome = loop {
-            tries += 1;
-            match timeout_at(deadline, update_batch(&self.pool, self.backend, jobs)).await {
-                Ok(Ok(touched)) => break Ok(touched),
-                Ok(Err(e)) => match classify(self.backend, &e) {
-                    Failure::Conflict if tries < TRIES => {
-                        tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
-                    }
-                    _ => {
-                        break Err(StoreError::Unavailable(format!(
-                            "{}: {e}",
-                            self.backend.name()
-                        )));
-                    }
-                },
-                Err(_) => break Err(self.timed_out()),
-            }
-        };
+        let outcome = self
+            .transaction(deadline, || update_batch(&self.pool, self.backend, jobs))
+            .await
+            .map_err(|(_, e)| e);
         match outcome {
             Ok(touched) => {
                 for (job, n) in jobs.drain(..).zip(touched) {
@@ -317,25 +302,38 @@ impl Task {
             .collect()
     }
 
-    /// One transaction for `recs`, tried again (a few times, within the deadline) when it lost
-    /// a deadlock or serialization conflict with another writer.
+    /// One transaction for `recs` (see [`Task::transaction`]), counted when committed.
     async fn attempt(
         &self,
         recs: &[InboxRecord],
         deadline: Instant,
     ) -> Result<Vec<bool>, (Failure, StoreError)> {
+        let flags = self
+            .transaction(deadline, || insert_batch(&self.pool, recs))
+            .await?;
+        self.committed(recs.len());
+        Ok(flags)
+    }
+
+    /// Runs the transaction `run` makes, tried again (a few times, within the deadline) when it
+    /// lost a deadlock or serialization conflict with another writer.
+    async fn transaction<T, F>(
+        &self,
+        deadline: Instant,
+        run: impl Fn() -> F,
+    ) -> Result<T, (Failure, StoreError)>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
         const TRIES: u32 = 4;
         let mut tries = 0;
         loop {
             tries += 1;
-            match timeout_at(deadline, insert_batch(&self.pool, recs)).await {
-                Ok(Ok(flags)) => {
-                    self.committed(recs.len());
-                    return Ok(flags);
-                }
+            match timeout_at(deadline, run()).await {
+                Ok(Ok(done)) => return Ok(done),
                 Ok(Err(e)) => match classify(self.backend, &e) {
                     Failure::Conflict if tries < TRIES => {
-                        tracing::debug!(error = %e, tries, "store batch conflicted; again");
+                        tracing::debug!(error = %e, tries, "store transaction conflicted; again");
                         // Let the other writer finish before trying again.
                         tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
                     }

@@ -34,6 +34,9 @@ pub enum BusError {
 pub enum ControlEvent {
     /// Close every connection of this user with 4011.
     DisconnectUser { user: String },
+    /// Queue a ready frame (JSON) on every connection of this user (a command reply that
+    /// names no connection).
+    ToUser { user: String, frame: Bytes },
     /// Revoke a token id and/or a user's tokens issued at or before `at` (Unix seconds),
     /// until `until` (Unix seconds; `None`: the configured default).
     Revoke {
@@ -71,6 +74,12 @@ pub trait Bus: Interest {
     async fn send_to_node(&self, node: &str, event: NodeEvent) -> Result<(), BusError>;
     /// Whether the bus is reachable now (for `/readyz`).
     fn healthy(&self) -> bool;
+    /// Resolves once the bus delivers `topic` to this node (after the hub's
+    /// [`Interest::watch`]), so a subscriber is only told "subscribed" when messages published
+    /// anywhere in the cluster will reach it. Immediate on a single node.
+    async fn watching(&self, _topic: &Topic) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 /// Cluster-wide presence: connection counts per user.

@@ -5,6 +5,7 @@
 //! [`Error::origin`] says whose fault it was, which decides the log level.
 
 use crate::bus::BusError;
+use crate::history::HistoryError;
 use crate::identity::AuthError;
 use crate::store::StoreError;
 use crate::topic::TopicError;
@@ -33,6 +34,8 @@ pub enum Error {
     Bus(#[from] BusError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -59,14 +62,14 @@ impl Error {
             Error::Conflict(_) => 409,
             Error::TooLarge(_) => 413,
             Error::RateLimited(_) | Error::TooManySubscriptions(_) => 429,
-            Error::Bus(_) | Error::Store(_) => 503,
+            Error::Bus(_) | Error::Store(_) | Error::History(_) => 503,
             Error::Internal(_) => 500,
         }
     }
 
     pub fn origin(&self) -> Origin {
         match self {
-            Error::Bus(_) | Error::Store(_) => Origin::Backend,
+            Error::Bus(_) | Error::Store(_) | Error::History(_) => Origin::Backend,
             Error::Internal(_) => Origin::Internal,
             _ => Origin::Client,
         }
@@ -86,6 +89,7 @@ impl Error {
             Error::TooManySubscriptions(_) => "too_many_subscriptions",
             Error::Bus(_) => "bus",
             Error::Store(_) => "store",
+            Error::History(_) => "history",
             Error::Internal(_) => "internal",
         }
     }

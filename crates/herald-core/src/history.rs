@@ -51,6 +51,12 @@ pub trait History: Send + Sync + 'static {
         msg: Message,
         opts: HistoryOptions,
     ) -> Result<Arc<Message>, HistoryError>;
+    /// Whether [`History::append`] also hands the message to the bus, in the same atomic step
+    /// (a clustered history on the bus's own server does, so that seq order is delivery order
+    /// whichever node publishes); the publish path then does not publish it again.
+    fn publishes_on_append(&self) -> bool {
+        false
+    }
     /// Messages of `topic` after `since`.
     async fn since(&self, topic: &Topic, since: u64) -> Result<Recovery, HistoryError>;
     /// The topic's current seq (0 when it has none).

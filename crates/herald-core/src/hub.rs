@@ -29,10 +29,17 @@ pub type ConnId = u64;
 
 const SHARDS: usize = 64;
 
-/// Notified when this node's interest in a topic starts or ends.
+/// Notified when this node's interest in a topic starts or ends, and (for cluster-wide
+/// presence) when a topic's or a user's local count changes. Called outside the hub's locks;
+/// must not block. A change notice carries no count: the listener reads the hub's current one
+/// when it gets to it, so notices may be coalesced and never go stale.
 pub trait Interest: Send + Sync + 'static {
     fn watch(&self, topic: &Topic);
     fn unwatch(&self, topic: &Topic);
+    /// A local subscription to `topic` was added or removed.
+    fn topic_changed(&self, _topic: &Topic) {}
+    /// A local connection of `user` was registered or unregistered.
+    fn user_changed(&self, _user: &str) {}
 }
 
 /// Session facts of a connection that revocation and expiry checks need; updated on refresh.
@@ -191,10 +198,16 @@ impl Hub {
         self.conn_shard(conn.id)
             .write()
             .insert(conn.id, conn.clone());
-        let mut users = self.users.lock();
-        let list = users.entry(conn.user.clone()).or_default();
-        list.push(conn.id);
-        list.len()
+        let n = {
+            let mut users = self.users.lock();
+            let list = users.entry(conn.user.clone()).or_default();
+            list.push(conn.id);
+            list.len()
+        };
+        if let Some(i) = self.interest.get() {
+            i.user_changed(&conn.user);
+        }
+        n
     }
 
     /// Remove a connection and all its subscriptions.
@@ -204,12 +217,17 @@ impl Hub {
             self.remove_from_topic(t, conn.id);
         }
         self.conn_shard(conn.id).write().remove(&conn.id);
-        let mut users = self.users.lock();
-        if let Some(list) = users.get_mut(&conn.user) {
-            list.retain(|id| *id != conn.id);
-            if list.is_empty() {
-                users.remove(&conn.user);
+        {
+            let mut users = self.users.lock();
+            if let Some(list) = users.get_mut(&conn.user) {
+                list.retain(|id| *id != conn.id);
+                if list.is_empty() {
+                    users.remove(&conn.user);
+                }
             }
+        }
+        if let Some(i) = self.interest.get() {
+            i.user_changed(&conn.user);
         }
     }
 
@@ -238,9 +256,12 @@ impl Hub {
         self.subscriptions.fetch_add(1, Ordering::Relaxed);
         if first {
             self.topic_count.fetch_add(1, Ordering::Relaxed);
-            if let Some(i) = self.interest.get() {
+        }
+        if let Some(i) = self.interest.get() {
+            if first {
                 i.watch(topic);
             }
+            i.topic_changed(topic);
         }
         SubscribeOutcome::Added
     }
@@ -283,10 +304,22 @@ impl Hub {
         self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         if last {
             self.topic_count.fetch_sub(1, Ordering::Relaxed);
-            if let Some(i) = self.interest.get() {
+        }
+        if let Some(i) = self.interest.get() {
+            if last {
                 i.unwatch(topic);
             }
+            i.topic_changed(topic);
         }
+    }
+
+    /// The topics this node has local subscribers for (what a clustered bus listens to).
+    pub fn topics(&self) -> Vec<Topic> {
+        let mut all = Vec::with_capacity(self.topic_count.load(Ordering::Relaxed));
+        for shard in self.topics.iter() {
+            all.extend(shard.read().keys().cloned());
+        }
+        all
     }
 
     /// Queue `msg` for every local subscriber of its topic. Never blocks on a client.

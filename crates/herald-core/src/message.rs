@@ -121,6 +121,60 @@ impl Message {
     }
 }
 
+/// Why bytes from another node are not a message frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a message frame: {0}")]
+pub struct FrameDecodeError(String);
+
+/// The owned fields of a JSON v1 `message` frame, as another node sent it.
+#[derive(serde::Deserialize)]
+struct OwnedFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    topic: String,
+    event: String,
+    id: String,
+    #[serde(default)]
+    seq: Option<u64>,
+    ts: u64,
+    data: Box<RawValue>,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    trace_id: Option<String>,
+    #[serde(default)]
+    ack: bool,
+}
+
+impl Message {
+    /// A message from its JSON v1 `message` frame, as it travels between nodes: the bus
+    /// carries the very bytes subscribers receive, so a node decodes the fields it routes on
+    /// and keeps the bytes as the frame's encoding (`ack:true` marks a durable message).
+    pub fn from_json_frame(json: &[u8]) -> Result<Message, FrameDecodeError> {
+        let f: OwnedFrame =
+            serde_json::from_slice(json).map_err(|e| FrameDecodeError(e.to_string()))?;
+        if f.kind != "message" {
+            return Err(FrameDecodeError(format!("type {:?}", f.kind)));
+        }
+        let topic = Topic::parse(&f.topic).map_err(|e| FrameDecodeError(e.to_string()))?;
+        let encoded = OnceLock::new();
+        let _ = encoded.set(herald_proto::ws::frame_json(|v| v.extend_from_slice(json)));
+        Ok(Message {
+            topic,
+            event: f.event.into_boxed_str(),
+            id: f.id.into_boxed_str(),
+            seq: f.seq,
+            ts: f.ts,
+            data: f.data,
+            from: f.from.map(String::into_boxed_str),
+            trace_id: f.trace_id.map(String::into_boxed_str),
+            durable: f.ack,
+            received_at: Instant::now(),
+            encoded,
+        })
+    }
+}
+
 /// A new message id: a ULID (time-ordered, 26 characters).
 pub fn new_id() -> String {
     ulid::Ulid::new().to_string()
@@ -160,5 +214,42 @@ mod tests {
         assert_eq!(m.id.len(), 26);
         let v: serde_json::Value = serde_json::from_slice(&m.json_frame_retained()).unwrap();
         assert_eq!(v["retained"], true);
+    }
+
+    #[test]
+    fn a_frame_decodes_to_the_same_message_and_keeps_its_bytes() {
+        let data = RawValue::from_string("{\"a\":[1,2]}".into()).unwrap();
+        let mut b = MessageBuilder::new(Topic::parse("user/u1/x").unwrap(), "e", data);
+        b.seq = Some(7);
+        b.from = Some("u2".into());
+        b.trace_id = Some("t".into());
+        b.durable = true;
+        let m = b.build();
+        let d = Message::from_json_frame(m.json_frame()).unwrap();
+        assert_eq!(d.topic, m.topic);
+        assert_eq!(
+            (&*d.event, &*d.id, d.seq, d.ts),
+            (&*m.event, &*m.id, m.seq, m.ts)
+        );
+        assert_eq!(d.data.get(), m.data.get());
+        assert_eq!(d.from.as_deref(), Some("u2"));
+        assert_eq!(d.trace_id.as_deref(), Some("t"));
+        assert!(d.durable);
+        assert_eq!(d.json_frame(), m.json_frame());
+        assert_eq!(d.ws_frame(), m.ws_frame());
+        // A seq spliced in front (as a clustered history does) is read too.
+        let data = RawValue::from_string("1".into()).unwrap();
+        let plain = MessageBuilder::new(Topic::parse("a/b").unwrap(), "e", data).build();
+        let mut spliced = b"{\"seq\":9,".to_vec();
+        spliced.extend_from_slice(&plain.json_frame()[1..]);
+        assert_eq!(Message::from_json_frame(&spliced).unwrap().seq, Some(9));
+        for bad in [&b"{"[..], b"{\"type\":\"reply\"}", b"[]"] {
+            assert!(Message::from_json_frame(bad).is_err());
+        }
+        let wrong = br#"{"type":"welcome","topic":"a","event":"e","id":"i","ts":1,"data":1}"#;
+        assert!(Message::from_json_frame(wrong).is_err());
+        let bad_topic =
+            br#"{"type":"message","topic":"a//b","event":"e","id":"i","ts":1,"data":1}"#;
+        assert!(Message::from_json_frame(bad_topic).is_err());
     }
 }

@@ -73,7 +73,14 @@ struct Inner {
     /// When the queue was first found full since the writer last made progress.
     full_since: Option<Instant>,
     dropped: u64,
+    /// Per resumed topic, the last seq its replay held: a live copy arriving after the replay
+    /// was queued (a cluster's bus may lag behind the history read) is skipped. An entry
+    /// goes with the topic's first later message. Empty except just after a resume.
+    floors: Vec<(crate::topic::Topic, u64)>,
 }
+
+/// Resumed topics remembered at once, at most (the oldest is forgotten first).
+const MAX_FLOORS: usize = 64;
 
 /// A bounded multi-producer, single-consumer queue of frames for one connection.
 #[derive(Debug)]
@@ -94,6 +101,7 @@ impl ConnQueue {
                 close: None,
                 full_since: None,
                 dropped: 0,
+                floors: Vec::new(),
             }),
             capacity: capacity.max(1),
             slow_timeout,
@@ -105,6 +113,16 @@ impl ConnQueue {
         let mut g = self.inner.lock();
         if g.close.is_some() {
             return Push::Closed;
+        }
+        if !g.floors.is_empty()
+            && let Some(seq) = msg.seq
+            && let Some(pos) = g.floors.iter().position(|(t, _)| *t == msg.topic)
+        {
+            if seq <= g.floors[pos].1 {
+                // Already queued by the replay.
+                return Push::Queued;
+            }
+            g.floors.swap_remove(pos);
         }
         let durable = msg.durable;
         let mut outcome = Push::Queued;
@@ -147,12 +165,53 @@ impl ConnQueue {
     /// answer `recovered:true` stays true. Refused (returns false, nothing queued) when the
     /// queue is closing or they would take it past twice its capacity: the caller then answers
     /// `recovered:false` and the client resyncs.
+    ///
+    /// Live messages of the same topic queued meanwhile (on a cluster, what other nodes
+    /// published while the history was read) keep the order: those the replay holds too are
+    /// dropped, and the replay goes before the later ones. The connection's own task runs the
+    /// resume, so none of them has been written yet.
     pub fn push_replay(&self, msgs: &[Arc<Message>]) -> bool {
         let mut g = self.inner.lock();
         if g.close.is_some() || g.items.len() + msgs.len() > self.capacity * 2 {
             return false;
         }
+        let mut insert_at = g.items.len();
+        if let Some(first) = msgs.first() {
+            let upto = msgs.iter().filter_map(|m| m.seq).max();
+            let mut i = 0;
+            while i < g.items.len() {
+                let (same_topic, replayed) = match &g.items[i] {
+                    Outgoing::Message(m) if m.topic == first.topic => {
+                        (true, m.seq.is_some() && m.seq <= upto)
+                    }
+                    _ => (false, false),
+                };
+                if replayed {
+                    if let Some(Outgoing::Message(m)) = g.items.remove(i)
+                        && !m.durable
+                    {
+                        g.ephemeral -= 1;
+                    }
+                    continue;
+                }
+                if same_topic {
+                    insert_at = insert_at.min(i);
+                }
+                i += 1;
+            }
+        }
+        if let Some(first) = msgs.first()
+            && let Some(upto) = msgs.iter().filter_map(|m| m.seq).max()
+        {
+            g.floors.retain(|(t, _)| *t != first.topic);
+            if g.floors.len() >= MAX_FLOORS {
+                g.floors.remove(0);
+            }
+            g.floors.push((first.topic.clone(), upto));
+        }
+        let tail = g.items.split_off(insert_at);
         g.items.extend(msgs.iter().cloned().map(Outgoing::Replay));
+        g.items.extend(tail);
         let waker = g.waker.take();
         drop(g);
         wake(waker);
@@ -402,6 +461,45 @@ mod tests {
             items.iter().map(data_of).collect::<Vec<_>>(),
             ["0", "1", "2"]
         );
+    }
+
+    #[test]
+    fn a_replay_goes_before_later_live_messages_and_drops_their_copies() {
+        let seq_msg = |topic: &str, seq: u64| {
+            let data = RawValue::from_string(format!("\"{topic}{seq}\"")).unwrap();
+            let mut b = MessageBuilder::new(Topic::parse(topic).unwrap(), "e", data);
+            b.seq = Some(seq);
+            Arc::new(b.build())
+        };
+        let q = ConnQueue::new(16, Duration::from_secs(60));
+        // Queued while the history was read: a copy of seq 3, seq 4, and another topic.
+        q.push_frame(Bytes::from_static(b"f"));
+        q.push_message(seq_msg("t", 3));
+        q.push_message(seq_msg("u", 1));
+        q.push_message(seq_msg("t", 4));
+        let replay: Vec<_> = (1..=3).map(|s| seq_msg("t", s)).collect();
+        assert!(q.push_replay(&replay));
+        let (items, _) = drain_now(&q);
+        assert_eq!(
+            items.iter().map(data_of).collect::<Vec<_>>(),
+            ["f", "\"u1\"", "\"t1\"", "\"t2\"", "\"t3\"", "\"t4\""]
+        );
+        assert!(matches!(items[2], Outgoing::Replay(_)));
+        // A copy arriving after the replay (the bus lagging behind the history read) is
+        // skipped; the next later one passes, and so does everything after it.
+        q.push_message(seq_msg("t", 2));
+        q.push_message(seq_msg("t", 5));
+        q.push_message(seq_msg("t", 6));
+        let (items, _) = drain_now(&q);
+        assert_eq!(
+            items.iter().map(data_of).collect::<Vec<_>>(),
+            ["\"t5\"", "\"t6\""]
+        );
+        // The dropped copy was ephemeral: the droppable count still matches the queue.
+        for i in 0..16 {
+            q.push_message(msg(i, false));
+        }
+        assert_eq!(q.len(), 16);
     }
 
     #[tokio::test]

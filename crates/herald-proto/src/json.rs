@@ -397,6 +397,36 @@ pub fn encode_reply(
     )
 }
 
+/// `{"type":"command_reply","command":…,"trace_id":…,"code":…,"message":…,"data":…}`: a
+/// service's answer to an upstream command (SPEC §2, §7).
+pub fn encode_command_reply(
+    command: &str,
+    trace_id: &str,
+    code: u16,
+    message: &str,
+    data: Option<&RawValue>,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct R<'a> {
+        command: &'a str,
+        trace_id: &'a str,
+        code: u16,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a RawValue>,
+    }
+    encode(
+        "command_reply",
+        R {
+            command,
+            trace_id,
+            code,
+            message,
+            data,
+        },
+    )
+}
+
 /// `{"type":"error","code":…,"message":…}` — for failed requests that carried no `id`.
 pub fn encode_error(code: u16, message: &str) -> Bytes {
     #[derive(Serialize)]

@@ -15,18 +15,19 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use herald_core::bus::ControlEvent;
+use herald_core::bus::{BusError, ControlEvent, NodeEvent};
 use herald_core::error::{Error, Origin};
 use herald_core::message::{now_ms, now_secs};
 use herald_core::store::InboxStatus;
 use herald_core::topic::Topic;
+use herald_proto::json;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::auth::{ApiAuthError, RevocationRequest, Scope, bearer_token};
-use crate::publish::{self as publishing, PublishRequest};
+use crate::publish::{self as publishing, PublishRequest, check_token};
 use crate::state::AppState;
 
 /// Messages in one batch publish, at most.
@@ -48,6 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/topics/{topic}/subscribers", get(topic_subscribers))
         .route("/api/v1/users/{user}/disconnect", post(disconnect_user))
         .route("/api/v1/revocations", post(revoke))
+        .route("/api/v1/replies", post(reply))
         .route("/ws/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -435,6 +437,102 @@ async fn disconnect_user(
         .await
         .map_err(|e| err(&state, e.into()))?;
     Ok(Json(json!({ "user": user, "disconnected": n })).into_response())
+}
+
+/// `POST /api/v1/replies`: a service's reply to an upstream command (SPEC §7).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct ReplyReq {
+    command: String,
+    trace_id: String,
+    user: ReplyUser,
+    #[serde(default)]
+    conn_id: Option<String>,
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+/// The command's `user` as forwarded; its claims may come back and are ignored.
+#[derive(Deserialize, Debug)]
+struct ReplyUser {
+    id: String,
+}
+
+/// The reply goes to the connection named by `conn_id` (`c-{node}-{n}`, from the welcome),
+/// on whichever node holds it — through that node's own bus channel — or, without `conn_id`,
+/// to every connection of the user. `{"delivered": true}` means it was handed to the node
+/// (or nodes); a connection that closed meanwhile does not get it.
+async fn reply(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&state, &headers, Scope::Publish)?;
+    let req: ReplyReq = read_json(&state, body, body_limit(&state)).await?;
+    check_token("command", &req.command).map_err(|e| err(&state, e))?;
+    check_token("trace_id", &req.trace_id).map_err(|e| err(&state, e))?;
+    if !(0..=999).contains(&req.code) {
+        return Err(err(
+            &state,
+            Error::BadRequest("`code` must be 0 to 999".into()),
+        ));
+    }
+    let message = req
+        .message
+        .as_deref()
+        .unwrap_or(if req.code == 0 { "success" } else { "" });
+    let frame = json::encode_command_reply(
+        &req.command,
+        &req.trace_id,
+        req.code,
+        message,
+        req.data.as_deref(),
+    );
+    match &req.conn_id {
+        Some(conn_id) => {
+            let (node, conn) = parse_conn_id(conn_id).ok_or_else(|| {
+                err(
+                    &state,
+                    Error::BadRequest(format!(
+                        "`conn_id` {conn_id:?} is not a connection id (c-<node>-<n>, from the welcome)"
+                    )),
+                )
+            })?;
+            let sent = state
+                .bus
+                .send_to_node(node, NodeEvent::ToConnection { conn, frame })
+                .await;
+            match sent {
+                Ok(()) => {}
+                Err(BusError::UnknownNode(_)) => {
+                    return Err(err(
+                        &state,
+                        Error::NotFound(format!("no node holds connection {conn_id}")),
+                    ));
+                }
+                Err(e) => return Err(err(&state, e.into())),
+            }
+        }
+        None => state
+            .bus
+            .control(ControlEvent::ToUser {
+                user: req.user.id.clone(),
+                frame,
+            })
+            .await
+            .map_err(|e| err(&state, e.into()))?,
+    }
+    Ok(Json(json!({ "delivered": true })).into_response())
+}
+
+/// `c-{node}-{n}` → (node, n). Node ids may contain `-`: the number follows the last one.
+fn parse_conn_id(s: &str) -> Option<(&str, u64)> {
+    let rest = s.strip_prefix("c-")?;
+    let (node, n) = rest.rsplit_once('-')?;
+    if node.is_empty() {
+        return None;
+    }
+    Some((node, n.parse().ok()?))
 }
 
 async fn revoke(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> ApiResult {

@@ -148,18 +148,66 @@ impl StoreConfig {
     }
 }
 
-/// `[bus]`: how nodes reach each other.
+/// `[bus]`: how nodes reach each other (SPEC §6).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
-    /// `memory`, `redis://…` or `nats://…` (this build: `memory` only).
+    /// `memory` (one node), `redis://…` or `nats://…`.
     pub url: String,
+    /// Prefix of every key, channel, subject and bucket the cluster writes: the nodes of one
+    /// cluster share it, two clusters on one server must not.
+    pub prefix: String,
+    /// A node that dies is gone from presence and subscriber counts within this.
+    #[serde(with = "serde_duration")]
+    pub presence_ttl: Duration,
+    /// A node stays subscribed to a topic on the bus this long after its last local
+    /// subscriber left (against subscribe/unsubscribe flapping).
+    #[serde(with = "serde_duration")]
+    pub linger: Duration,
+    /// Seed 001's interest counters.
+    pub interest: InterestConfig,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
         Self {
             url: "memory".to_owned(),
+            prefix: "herald".to_owned(),
+            presence_ttl: Duration::from_secs(15),
+            linger: Duration::from_secs(2),
+            interest: InterestConfig::default(),
+        }
+    }
+}
+
+/// `[bus.interest]`: per watched device, a counter an uplink checks before sending telemetry
+/// (seed 001). Written by clustered buses only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InterestConfig {
+    pub enabled: bool,
+    /// Topics counted; a whole segment `{name}` captures one topic segment.
+    pub topic: String,
+    /// The counter's key; `{name}` is replaced by the captured segment. Not prefixed: an
+    /// existing uplink reads it as is. On NATS, a key of the KV bucket `<prefix>_interest`
+    /// with `:` written as `.`.
+    pub key: String,
+    /// A counter not refreshed for this long disappears.
+    #[serde(with = "serde_duration")]
+    pub ttl: Duration,
+    /// While a topic is watched, its counter is rewritten this often.
+    #[serde(with = "serde_duration")]
+    pub refresh: Duration,
+}
+
+impl Default for InterestConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            topic: "device/{deviceID}/telemetry".to_owned(),
+            key: "ws:sub:{deviceID}".to_owned(),
+            ttl: Duration::from_secs(300),
+            refresh: Duration::from_secs(120),
         }
     }
 }
@@ -168,6 +216,52 @@ impl BusConfig {
     /// The backend the URL names; see [`StoreConfig::backend`].
     pub fn backend(&self) -> Result<BusBackend, ConfigError> {
         backend_of("bus.url", &self.url)
+    }
+
+    /// The interest counters, when enabled (templates checked).
+    pub fn interest_counters(
+        &self,
+    ) -> Result<Option<herald_cluster::InterestCounters>, ConfigError> {
+        let i = &self.interest;
+        if !i.enabled {
+            return Ok(None);
+        }
+        herald_cluster::InterestCounters::new(&i.topic, &i.key, i.ttl, i.refresh)
+            .map(Some)
+            .map_err(|e| invalid("bus.interest", format!("is not usable: {e}")))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let prefix_ok = !self.prefix.is_empty()
+            && self.prefix.len() <= 32
+            && self
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !prefix_ok {
+            return Err(invalid(
+                "bus.prefix",
+                format!(
+                    "must be 1 to 32 characters of A-Z a-z 0-9 _ - (it names Redis keys and NATS \
+                     subjects and buckets), got {:?}",
+                    excerpt(&self.prefix)
+                ),
+            ));
+        }
+        check_duration(
+            "bus.presence_ttl",
+            self.presence_ttl,
+            Duration::from_secs(3),
+            Duration::from_secs(3600),
+        )?;
+        check_duration(
+            "bus.linger",
+            self.linger,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?;
+        self.interest_counters()?;
+        Ok(())
     }
 }
 
@@ -216,7 +310,11 @@ impl BusBackend {
 
     /// Whether this build can run it.
     pub fn is_available(self) -> bool {
-        matches!(self, Self::Memory)
+        match self {
+            Self::Memory => true,
+            Self::Redis => cfg!(feature = "redis"),
+            Self::Nats => cfg!(feature = "nats"),
+        }
     }
 }
 
@@ -419,7 +517,22 @@ impl Config {
             Duration::from_secs(60),
             Duration::from_secs(365 * 24 * 3600),
         )?;
-        check_backend("bus.url", self.bus.backend()?)?;
+        let bus = self.bus.backend()?;
+        check_backend("bus.url", bus)?;
+        self.bus.validate()?;
+        let store = self.store.backend()?;
+        if bus != BusBackend::Memory && matches!(store, StoreBackend::Sqlite | StoreBackend::Memory)
+        {
+            return Err(invalid(
+                "store.url",
+                format!(
+                    "must be postgres://… or mysql://… with bus {}: durable inboxes are shared \
+                     by every node, and a {} store is one node's",
+                    bus.name(),
+                    store.name()
+                ),
+            ));
+        }
         self.limits.validate()?;
         self.log.validate()?;
         self.auth.validate().map_err(ConfigError::Auth)?;
@@ -1636,7 +1749,13 @@ mod tests {
                 .to_string()
                 .starts_with("store.url must not be empty")
         );
-        let bus = |url: &str| BusConfig { url: url.into() }.backend();
+        let bus = |url: &str| {
+            BusConfig {
+                url: url.into(),
+                ..BusConfig::default()
+            }
+            .backend()
+        };
         assert_eq!(bus("redis://localhost:6379").unwrap(), BusBackend::Redis);
         assert_eq!(bus("nats://localhost:4222").unwrap(), BusBackend::Nats);
         assert!(
@@ -1649,11 +1768,56 @@ mod tests {
         // Every store backend is built in; the connection is made by `serve`, not here.
         let c = load_env(&[("HERALD_STORE__URL", "postgres://u@h/db")]).unwrap();
         assert_eq!(c.store.backend().unwrap(), StoreBackend::Postgres);
-        let e = err(load_env(&[("HERALD_BUS__URL", "redis://localhost")]));
-        assert_eq!(
-            e,
-            "bus.url: backend \"redis\" is not available in this build (supported: memory)"
+        // A clustered bus needs a store every node shares.
+        for store in ["sqlite://x.db", "memory"] {
+            let e = err(load_env(&[
+                ("HERALD_BUS__URL", "redis://localhost"),
+                ("HERALD_STORE__URL", store),
+            ]));
+            assert!(
+                e.starts_with("store.url must be postgres://… or mysql://… with bus redis"),
+                "{e}"
+            );
+        }
+        let c = load_env(&[
+            ("HERALD_BUS__URL", "nats://localhost:4222"),
+            ("HERALD_STORE__URL", "postgres://u@h/db"),
+        ])
+        .unwrap();
+        assert_eq!(c.bus.backend().unwrap(), BusBackend::Nats);
+        assert_eq!(c.bus.prefix, "herald");
+        assert!(c.bus.interest_counters().unwrap().is_some());
+    }
+
+    #[test]
+    fn bus_settings_are_checked() {
+        let cluster = [
+            ("HERALD_BUS__URL", "redis://localhost"),
+            ("HERALD_STORE__URL", "postgres://u@h/db"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut v = cluster.to_vec();
+            v.extend_from_slice(extra);
+            load_env(&v)
+        };
+        let e = err(with(&[("HERALD_BUS__PREFIX", "a b")]));
+        assert!(e.starts_with("bus.prefix must be 1 to 32 characters"), "{e}");
+        assert!(e.ends_with("got \"a b\""), "{e}");
+        let e = err(with(&[("HERALD_BUS__PRESENCE_TTL", "1s")]));
+        assert!(e.starts_with("bus.presence_ttl must be between 3s"), "{e}");
+        let e = err(with(&[("HERALD_BUS__INTEREST__KEY", "ws:sub:{id}")]));
+        assert!(
+            e.contains("bus.interest") && e.contains("{id} is not a variable of the topic"),
+            "{e}"
         );
+        let e = err(with(&[("HERALD_BUS__INTEREST__REFRESH", "10m")]));
+        assert!(e.contains("must be shorter than its ttl"), "{e}");
+        let c = with(&[
+            ("HERALD_BUS__INTEREST__ENABLED", "false"),
+            ("HERALD_BUS__INTEREST__KEY", "broken{"),
+        ])
+        .unwrap();
+        assert!(c.bus.interest_counters().unwrap().is_none());
     }
 
     #[test]

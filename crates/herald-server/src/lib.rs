@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ConnectInfo;
 use herald_core::acl::{Acl, AclError};
 use herald_core::bus::{Bus, MemoryBus, MemoryPresence, Presence};
-use herald_core::history::MemoryHistory;
+use herald_core::history::{History, MemoryHistory};
 use herald_core::hub::Hub;
 use herald_core::store::{MemoryStore, Retention, Store};
 use herald_proto::close;
@@ -65,23 +65,63 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// The bus named by `bus.url` (the config parses the scheme, in one place). Only `memory` is
-/// built in this version; anything else fails fast (never a silent fallback).
-fn build_bus(config: &Config, node_id: &str) -> Result<Arc<dyn Bus>, ServerError> {
+/// The bus, presence and history of this node: in memory for one node, or the cluster
+/// backend `bus.url` names (the config parses the scheme, in one place). Never a silent
+/// fallback: an unreachable bus fails the start.
+struct Seams {
+    bus: Arc<dyn Bus>,
+    presence: Arc<dyn Presence>,
+    history: Arc<dyn History>,
+    /// Swept by the node's housekeeping (the cluster servers expire their own entries).
+    memory_history: Option<Arc<MemoryHistory>>,
+}
+
+async fn build_seams(
+    config: &Config,
+    node_id: &str,
+    hub: &Arc<Hub>,
+    stop: CancellationToken,
+) -> Result<Seams, ServerError> {
     let backend = config.bus.backend().map_err(|e| ServerError::Backend {
         setting: "bus.url",
         message: e.to_string(),
     })?;
-    match backend {
-        BusBackend::Memory => Ok(Arc::new(MemoryBus::new(node_id))),
-        other => Err(ServerError::Backend {
-            setting: "bus.url",
-            message: format!(
-                "bus.url: bus {:?} is not available in this build (supported: memory)",
-                other.name()
-            ),
-        }),
+    if backend == BusBackend::Memory {
+        let history = Arc::new(MemoryHistory::new());
+        return Ok(Seams {
+            bus: Arc::new(MemoryBus::new(node_id)),
+            presence: Arc::new(MemoryPresence::new(hub.clone())),
+            history: history.clone(),
+            memory_history: Some(history),
+        });
     }
+    let interest = config
+        .bus
+        .interest_counters()
+        .map_err(|e| ServerError::Backend {
+            setting: "bus.interest",
+            message: e.to_string(),
+        })?;
+    let options = herald_cluster::Options {
+        url: config.bus.url.clone(),
+        node_id: node_id.to_owned(),
+        prefix: config.bus.prefix.clone(),
+        presence_ttl: config.bus.presence_ttl,
+        linger: config.bus.linger,
+        interest,
+    };
+    let c = herald_cluster::connect(options, hub.clone(), stop)
+        .await
+        .map_err(|e| ServerError::Backend {
+            setting: "bus.url",
+            message: e.to_string(),
+        })?;
+    Ok(Seams {
+        bus: c.bus,
+        presence: c.presence,
+        history: c.history,
+        memory_history: None,
+    })
 }
 
 /// The inbox retention configured in `[store]`.
@@ -131,7 +171,10 @@ pub async fn run(
 /// fails fast (bad key file, unreachable store…) before anything is listening.
 pub struct Node {
     state: Arc<AppState>,
-    history: Arc<MemoryHistory>,
+    memory_history: Option<Arc<MemoryHistory>>,
+    /// Stops the cluster backend's tasks, after the drain (clients still connected while
+    /// draining keep receiving what other nodes publish).
+    bus_stop: CancellationToken,
 }
 
 impl Node {
@@ -141,10 +184,10 @@ impl Node {
         let auth = Arc::new(JwtAuthenticator::new(&config.auth)?);
         let acl = Acl::from_config(config.topics.clone(), &config.auth.user_claim)?;
         let hub = Arc::new(Hub::new());
-        let bus = build_bus(&config, &node_id)?;
         let store = build_store(&config).await?;
-        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new(hub.clone()));
-        let history = Arc::new(MemoryHistory::new());
+        let bus_stop = CancellationToken::new();
+        let seams = build_seams(&config, &node_id, &hub, bus_stop.clone()).await?;
+        let bus = seams.bus;
         let metrics = metrics::Metrics::new();
         bus.attach(Arc::new(Router {
             hub: hub.clone(),
@@ -161,9 +204,9 @@ impl Node {
             node_id,
             hub,
             bus,
-            presence,
+            presence: seams.presence,
             store,
-            history: history.clone(),
+            history: seams.history,
             order: publish::OrderLocks::default(),
 
             auth,
@@ -174,12 +217,20 @@ impl Node {
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
         });
-        Ok(Node { state, history })
+        Ok(Node {
+            state,
+            memory_history: seams.memory_history,
+            bus_stop,
+        })
     }
 
     /// Serve on `listener` until the shutdown token is cancelled, then drain (see [`run`]).
     pub async fn serve(self, listener: TcpListener) -> Result<(), ServerError> {
-        let Node { state, history } = self;
+        let Node {
+            state,
+            memory_history,
+            bus_stop,
+        } = self;
         let shutdown = state.shutdown.clone();
         let housekeeping = {
             let state = state.clone();
@@ -194,7 +245,9 @@ impl Node {
                     tokio::select! {
                         _ = minute.tick() => {
                             state.limiters.housekeep();
-                            history.sweep();
+                            if let Some(h) = &memory_history {
+                                h.sweep();
+                            }
                             match state.store.purge(retention).await {
                                 Ok(0) => {}
                                 Ok(n) => tracing::debug!(deleted = n, "inbox purge"),
@@ -219,6 +272,7 @@ impl Node {
         shutdown.cancelled().await;
         drain(&state).await;
         housekeeping.abort();
+        bus_stop.cancel();
         if let Err(e) = http.await {
             tracing::warn!(error = %e, "http server task ended abnormally");
         }

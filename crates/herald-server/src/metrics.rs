@@ -50,6 +50,7 @@ const ERROR_KINDS: &[&str] = &[
     "too_many_subscriptions",
     "bus",
     "store",
+    "history",
     "internal",
     "malformed_frame",
 ];
@@ -72,6 +73,8 @@ pub struct Metrics {
     /// Durable messages marked failed (retries exhausted).
     pub durable_failed: Counter,
     pub publish_to_write: Histogram,
+    /// Topic messages the bus handed to this node (on a cluster: only topics watched here).
+    pub bus_messages: Counter,
 }
 
 impl Metrics {
@@ -93,6 +96,7 @@ impl Metrics {
             durable_retries: counter!("herald_durable_retries_total"),
             durable_failed: counter!("herald_durable_failed_total"),
             publish_to_write: histogram!("herald_publish_to_write_seconds"),
+            bus_messages: counter!("herald_bus_messages_received_total"),
         }
     }
 

@@ -246,20 +246,15 @@ pub async fn deliver(
     } else {
         None
     };
-    let msg = match options.history {
-        Some(h) => state
-            .history
-            .append(msg, h)
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?,
-        None => Arc::new(msg),
+    let (msg, published_on_append) = match options.history {
+        Some(h) => (
+            state.history.append(msg, h).await?,
+            state.history.publishes_on_append(),
+        ),
+        None => (Arc::new(msg), false),
     };
     if options.retain {
-        state
-            .history
-            .retain(msg.clone())
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        state.history.retain(msg.clone()).await?;
     }
     let published = Published {
         id: msg.id.to_string(),
@@ -279,6 +274,8 @@ pub async fn deliver(
     } else {
         state.metrics.received_api.increment(1);
     }
-    state.bus.publish(msg).await?;
+    if !published_on_append {
+        state.bus.publish(msg).await?;
+    }
     Ok(published)
 }

@@ -62,6 +62,7 @@ pub struct Router {
 
 impl BusSink for Router {
     fn on_message(&self, msg: Arc<Message>) {
+        self.metrics.bus_messages.increment(1);
         // A durable message is an inbox message: every connection of its user gets it,
         // whatever topics that connection subscribed to.
         let d = match msg.topic.inbox_owner().filter(|_| msg.durable) {
@@ -79,6 +80,11 @@ impl BusSink for Router {
             ControlEvent::DisconnectUser { user } => {
                 for c in self.hub.user_connections(&user) {
                     c.queue.close(close::DISCONNECTED, "disconnected by server");
+                }
+            }
+            ControlEvent::ToUser { user, frame } => {
+                for c in self.hub.user_connections(&user) {
+                    c.queue.push_frame(frame.clone());
                 }
             }
             ControlEvent::Revoke {

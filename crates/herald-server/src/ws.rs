@@ -413,10 +413,14 @@ async fn open_session(
     // Implicit subscriptions: the user's inbox and broadcast. Valid by construction: the
     // authenticator only admits user ids that are topic segments.
     let max_topics = limits.max_subscriptions_per_connection + 2;
-    if let Ok(inbox) = Topic::user(&user) {
-        state.hub.subscribe(&conn, &inbox, max_topics);
+    let implicit = Topic::user(&user).into_iter().chain([Topic::broadcast()]);
+    for topic in implicit {
+        state.hub.subscribe(&conn, &topic, max_topics);
+        // In a cluster: the welcome only goes out once the bus delivers these here.
+        if let Err(e) = state.bus.watching(&topic).await {
+            tracing::warn!(error = %e, %topic, "bus subscription not confirmed; messages from other nodes may be late");
+        }
     }
-    state.hub.subscribe(&conn, &Topic::broadcast(), max_topics);
 
     let conn_id = format!("c-{}-{id}", state.node_id);
     let welcome = json::encode_welcome(
@@ -936,17 +940,17 @@ async fn subscribe_one(
     if state.hub.subscribe(&ctx.conn, &topic, limit) == SubscribeOutcome::LimitReached {
         return Err(Error::TooManySubscriptions(limit - 2));
     }
+    // In a cluster, "subscribed" means messages published on any node reach this one; and
+    // the history is read only once that holds, so nothing falls between the two.
+    if let Err(e) = state.bus.watching(&topic).await {
+        state.hub.unsubscribe(&ctx.conn, topic.as_str());
+        return Err(e.into());
+    }
     let mut extra = Map::new();
     extra.insert("topic".into(), Value::String(topic.as_str().to_owned()));
-    let history_err = |e: herald_core::history::HistoryError| Error::Internal(e.to_string());
     match since {
         Some(since) => {
-            let (latest, recovered) = match state
-                .history
-                .since(&topic, since)
-                .await
-                .map_err(history_err)?
-            {
+            let (latest, recovered) = match state.history.since(&topic, since).await? {
                 // All of the missed messages are queued, or none and the client is told.
                 Recovery::Complete { messages, latest } => (
                     latest,
@@ -961,12 +965,12 @@ async fn subscribe_one(
         }
         None => {
             if options.history.is_some() {
-                let latest = state.history.latest(&topic).await.map_err(history_err)?;
+                let latest = state.history.latest(&topic).await?;
                 extra.insert("seq".into(), json!(latest));
             }
             if options.retain
                 && snapshot
-                && let Some(m) = state.history.retained(&topic).await.map_err(history_err)?
+                && let Some(m) = state.history.retained(&topic).await?
             {
                 ctx.conn.queue.push_frame(m.json_frame_retained());
             }

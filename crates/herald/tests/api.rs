@@ -575,3 +575,73 @@ async fn stats_metrics_health_ready() {
     assert_eq!(r["bus"], "ok", "{r}");
     assert_eq!(r["store"], "ok", "{r}");
 }
+
+#[tokio::test]
+async fn command_replies_reach_the_connection_or_the_user() {
+    let server = Server::start("").await;
+    let mut a1 = server.connect_user("alice").await;
+    let mut a2 = server.connect_user("alice").await;
+    let conn_id = a1.welcome.as_ref().expect("welcome")["conn_id"]
+        .as_str()
+        .expect("conn_id")
+        .to_owned();
+
+    // To one connection: only that tab gets it.
+    let (s, body) = server
+        .api_post(
+            "/api/v1/replies",
+            &server.publish_key,
+            &json!({"command": "CALL", "trace_id": "t-1", "user": {"id": "alice", "role": "x"},
+                    "conn_id": conn_id, "data": {"call_id": "c9"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body, json!({"delivered": true}));
+    let r = a1.recv_json(T).await;
+    assert_eq!(
+        r,
+        json!({"type": "command_reply", "command": "CALL", "trace_id": "t-1", "code": 0,
+               "message": "success", "data": {"call_id": "c9"}})
+    );
+    a2.expect_no_message(QUIET).await;
+
+    // Without conn_id: every connection of the user.
+    let (s, body) = server
+        .api_post(
+            "/api/v1/replies",
+            &server.publish_key,
+            &json!({"command": "CALL", "trace_id": "t-2", "user": {"id": "alice"},
+                    "code": 404, "message": "no such call"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    for ws in [&mut a1, &mut a2] {
+        let r = ws.recv_json(T).await;
+        assert_eq!(r["type"], "command_reply", "{r}");
+        assert_eq!(r["code"], 404, "{r}");
+        assert_eq!(r["message"], "no such call", "{r}");
+        assert!(r.get("data").is_none(), "{r}");
+    }
+
+    // Bad input: clear errors, nothing delivered.
+    let cases = [
+        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "x-1"}), 400, "not a connection id"),
+        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "c-n-x"}), 400, "not a connection id"),
+        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "code": 1000}), 400, "`code` must be 0 to 999"),
+        (json!({"command": "", "trace_id": "t", "user": {"id": "alice"}}), 400, "`command`"),
+        (json!({"command": "C", "user": {"id": "alice"}}), 400, "trace_id"),
+        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "c-elsewhere-1"}), 404, "no node holds connection c-elsewhere-1"),
+    ];
+    for (req, status, text) in cases {
+        let (s, body) = server
+            .api_post("/api/v1/replies", &server.publish_key, &req)
+            .await;
+        assert_eq!(s, status, "{req} → {body}");
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains(text),
+            "{req} → {body}"
+        );
+    }
+    a1.expect_no_message(QUIET).await;
+    a2.expect_no_message(QUIET).await;
+}

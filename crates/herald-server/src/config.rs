@@ -1801,7 +1801,10 @@ mod tests {
             load_env(&v)
         };
         let e = err(with(&[("HERALD_BUS__PREFIX", "a b")]));
-        assert!(e.starts_with("bus.prefix must be 1 to 32 characters"), "{e}");
+        assert!(
+            e.starts_with("bus.prefix must be 1 to 32 characters"),
+            "{e}"
+        );
         assert!(e.ends_with("got \"a b\""), "{e}");
         let e = err(with(&[("HERALD_BUS__PRESENCE_TTL", "1s")]));
         assert!(e.starts_with("bus.presence_ttl must be between 3s"), "{e}");

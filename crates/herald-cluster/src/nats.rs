@@ -41,6 +41,9 @@
 //!   removed, so its seq survives the entries' expiry (a topic keeps about `size` + size/8
 //!   entries on the server, expired or not, until the stream is deleted).
 //! - KV bucket `p_retained` (file storage): `<t>` → the retained message's frame.
+//! - KV bucket `p_revocations` (file storage): `j.<jti>` / `u.<user>` (base64url) → a
+//!   revocation in force ([`crate::wire::encode_control`]), read by a node at start; ended
+//!   ones are deleted when a new one is kept.
 //! - KV bucket `p_interest` (memory storage, `max_age` = the counters' ttl), only with
 //!   [`Options::interest`]: seed 001's counters, key = the template's output with `:` written
 //!   `.` (`ws:sub:d-9` → `ws.sub.d-9`; a character a KV key cannot hold, or a `.` that would
@@ -146,6 +149,8 @@ pub struct NatsCluster {
     streams: Vec<stream::Config>,
     presence: kv::Store,
     retained: kv::Store,
+    /// Revocations in force, for nodes that start later.
+    revocations: kv::Store,
     counters: Option<(InterestCounters, kv::Store)>,
     history: stream::Stream,
     hub: Arc<Hub>,
@@ -329,6 +334,11 @@ impl NatsCluster {
                 Duration::ZERO,
                 stream::StorageType::File,
             ),
+            kv_stream(
+                format!("{p}_revocations"),
+                Duration::ZERO,
+                stream::StorageType::File,
+            ),
             stream::Config {
                 name: format!("{p}_history"),
                 subjects: vec![format!("{p}.h.>")],
@@ -355,6 +365,7 @@ impl NatsCluster {
         };
         let presence = bucket(format!("{p}_presence")).await.map_err(fail)?;
         let retained = bucket(format!("{p}_retained")).await.map_err(fail)?;
+        let revocations = bucket(format!("{p}_revocations")).await.map_err(fail)?;
         let counters = match &options.interest {
             Some(c) => Some((
                 c.clone(),
@@ -376,6 +387,7 @@ impl NatsCluster {
             streams,
             presence,
             retained,
+            revocations,
             counters,
             history,
             hub,
@@ -436,6 +448,52 @@ impl NatsCluster {
         s.push('.');
         push_token(&mut s, token);
         s
+    }
+
+    /// A revocation is kept in `p_revocations` (key `j.<jti>` or `u.<user>`, base64url)
+    /// until it ends, for nodes that start later; ended ones are deleted as new ones come.
+    async fn keep_revocation(&self, event: &ControlEvent, payload: &Bytes) -> Result<(), String> {
+        let ControlEvent::Revoke {
+            jti, user, until, ..
+        } = event
+        else {
+            return Ok(());
+        };
+        let key = match (jti, user) {
+            (Some(j), _) => format!("j.{}", B64.encode(j)),
+            (None, Some(u)) => format!("u.{}", B64.encode(u)),
+            (None, None) => return Ok(()),
+        };
+        if until.is_some_and(|u| u <= herald_core::message::now_secs()) {
+            return Ok(());
+        }
+        self.revocations
+            .put(key, payload.clone())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("keep revocation: {e}"))?;
+        for (key, _) in self.stored_revocations(true).await? {
+            let _ = self.revocations.delete(key).await;
+        }
+        Ok(())
+    }
+
+    /// The stored revocations that are still in force (`ended` false) or have ended.
+    async fn stored_revocations(&self, ended: bool) -> Result<Vec<(String, ControlEvent)>, String> {
+        let now = herald_core::message::now_secs();
+        let mut out = Vec::new();
+        for (key, value) in self.scan_in(&self.revocations, ">").await? {
+            match wire::decode_control(&value) {
+                Ok(e @ ControlEvent::Revoke { until, .. }) => {
+                    if until.is_some_and(|u| u <= now) == ended {
+                        out.push((key, e));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, key, "nats: skipping a stored revocation"),
+            }
+        }
+        Ok(out)
     }
 
     fn connected(&self) -> Result<(), String> {
@@ -886,10 +944,18 @@ impl NatsCluster {
 
     /// The latest value of every presence key matching `filter` (a KV key pattern).
     async fn scan(&self, filter: &str) -> Result<Vec<(String, Bytes)>, String> {
+        self.scan_in(&self.presence, filter).await
+    }
+
+    /// The latest value of every key of `bucket` matching `filter`.
+    async fn scan_in(
+        &self,
+        bucket: &kv::Store,
+        filter: &str,
+    ) -> Result<Vec<(String, Bytes)>, String> {
         self.connected()?;
-        let prefix = format!("$KV.{}.", self.presence.name);
-        let consumer = self
-            .presence
+        let prefix = format!("$KV.{}.", bucket.name);
+        let consumer = bucket
             .stream
             .create_consumer(consumer::push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
@@ -1009,13 +1075,13 @@ impl Bus for NatsCluster {
     async fn control(&self, event: ControlEvent) -> Result<(), BusError> {
         let error = if self.healthy() {
             let subject = format!("{}.control", self.prefix);
-            match self
-                .client
-                .publish(subject, wire::encode_control(&event))
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) => e.to_string(),
+            let payload = wire::encode_control(&event);
+            match self.keep_revocation(&event, &payload).await {
+                Err(e) => e,
+                Ok(()) => match self.client.publish(subject, payload).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e.to_string(),
+                },
             }
         } else {
             "the bus is down".to_owned()
@@ -1056,6 +1122,16 @@ impl Bus for NatsCluster {
             }
             Err(e) => Err(BusError::Unavailable(format!("node {node}: {e}"))),
         }
+    }
+
+    async fn revocations(&self) -> Result<Vec<ControlEvent>, BusError> {
+        Ok(self
+            .stored_revocations(false)
+            .await
+            .map_err(BusError::Unavailable)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
     }
 
     fn healthy(&self) -> bool {

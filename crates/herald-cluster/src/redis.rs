@@ -15,6 +15,7 @@
 //! | `P:hs:T` | hash | `seq`: the topic's last seq (never expires: a resume after the entries expired is a gap, never seq 1 again); `ttl`: entry ttl, ms |
 //! | `P:h:T` | zset | history entries, score = seq, member = `<append ms>:<frame with "seq":N>`; at most `size`, none older than `ttl` |
 //! | `P:r:T` | string | the retained frame |
+//! | `P:revocations` | zset | revocations in force ([`wire::encode_control`]), score = `until` (Unix s); read by a node at start, expired ones removed on each new one |
 //! | interest key | string | seed 001's counter, exactly the template's key (no prefix): sum of `P:node:*:topics[T]` over live nodes, TTL `interest.ttl`, deleted at 0 |
 //!
 //! Every write of presence and interest is one Lua script (`SYNC`) that also renews the
@@ -232,6 +233,8 @@ pub struct RedisCluster {
     /// `P:t:`.
     topic_prefix: String,
     control_channel: String,
+    /// `P:revocations`: revocations in force, score = `until` (Unix s).
+    revocations_key: String,
     node_channel: String,
 }
 
@@ -284,6 +287,7 @@ impl RedisCluster {
         let this = Arc::new(Self {
             topic_prefix: format!("{p}:t:"),
             control_channel: format!("{p}:control"),
+            revocations_key: format!("{p}:revocations"),
             node_channel: format!("{p}:node:{}", opts.node_id),
             changes: Changes::new(opts.linger),
             opts,
@@ -564,6 +568,31 @@ impl RedisCluster {
     }
 
     /// PUBLISH, returning the receiver count.
+    /// Keeps a revocation in `P:revocations` until it ends (for nodes that start later) and
+    /// publishes it, in one transaction.
+    async fn publish_revocation(&self, payload: &[u8], until: u64) -> RedisResult<u64> {
+        if !self.healthy() {
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "reconnecting",
+            )));
+        }
+        let mut conn = self.command_conn()?;
+        let now = herald_core::message::now_secs();
+        let (receivers,): (u64,) = timed(
+            redis::pipe()
+                .atomic()
+                .zrembyscore(&self.revocations_key, "-inf", now)
+                .ignore()
+                .zadd(&self.revocations_key, payload, until)
+                .ignore()
+                .publish(&self.control_channel, payload)
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(receivers)
+    }
+
     async fn publish_raw(&self, channel: &str, payload: &[u8]) -> RedisResult<u64> {
         if !self.healthy() {
             return Err(RedisError::from(std::io::Error::new(
@@ -618,7 +647,13 @@ impl Bus for RedisCluster {
 
     async fn control(&self, event: ControlEvent) -> Result<(), BusError> {
         let payload = wire::encode_control(&event);
-        match self.publish_raw(&self.control_channel, &payload).await {
+        let sent = match &event {
+            ControlEvent::Revoke {
+                until: Some(until), ..
+            } => self.publish_revocation(&payload, *until).await,
+            _ => self.publish_raw(&self.control_channel, &payload).await,
+        };
+        match sent {
             Ok(_) => Ok(()),
             Err(e) => {
                 warn!(error = %e, "redis: control event applied locally only");
@@ -648,6 +683,30 @@ impl Bus for RedisCluster {
             Ok(_) => Ok(()),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    async fn revocations(&self) -> Result<Vec<ControlEvent>, BusError> {
+        let mut conn = self.command_conn().map_err(unavailable)?;
+        let now = herald_core::message::now_secs();
+        let kept: Vec<Vec<u8>> = timed(
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&self.revocations_key)
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(kept
+            .iter()
+            .filter_map(|p| match wire::decode_control(p) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    warn!(error = %e, "redis: skipping a stored revocation");
+                    None
+                }
+            })
+            .collect())
     }
 
     fn healthy(&self) -> bool {

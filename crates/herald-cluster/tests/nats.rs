@@ -169,6 +169,7 @@ async fn delete_streams(url: &str, prefix: &str) {
     for s in [
         format!("KV_{prefix}_presence"),
         format!("KV_{prefix}_retained"),
+        format!("KV_{prefix}_revocations"),
         format!("KV_{prefix}_interest"),
         format!("{prefix}_history"),
     ] {
@@ -282,6 +283,36 @@ async fn a_topic_watched_again_within_the_linger_stays_subscribed() {
         .await
     })
     .await
+}
+
+#[tokio::test]
+async fn revocations_in_force_are_kept_for_nodes_that_start_later() {
+    isolated(|p| async move {
+        let s = Setup::new(&p);
+        let a = s.node("a").await?;
+        let now = herald_core::message::now_secs();
+        let live = ControlEvent::Revoke {
+            jti: Some("j-1".into()),
+            user: None,
+            at: now,
+            until: Some(now + 3600),
+        };
+        let ended = ControlEvent::Revoke {
+            jti: None,
+            user: Some("u1".into()),
+            at: now - 100,
+            until: Some(now - 1),
+        };
+        a.bus.control(ended).await?;
+        a.bus.control(live.clone()).await?;
+        a.bus
+            .control(ControlEvent::DisconnectUser { user: "u".into() })
+            .await?;
+        let b = s.node("b").await?;
+        assert_eq!(b.bus.revocations().await?, vec![live]);
+        Ok(())
+    })
+    .await;
 }
 
 #[tokio::test]

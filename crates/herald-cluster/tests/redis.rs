@@ -280,6 +280,37 @@ async fn control_events_reach_every_node_and_node_events_one() -> Result<()> {
     cleanup(&p, &[]).await
 }
 
+#[tokio::test]
+async fn revocations_in_force_are_kept_for_nodes_that_start_later() -> Result<()> {
+    let p = prefix();
+    let a = node(options(SHARED, &p, "a")).await?;
+    let now = herald_core::message::now_secs();
+    let live = ControlEvent::Revoke {
+        jti: Some("j-1".into()),
+        user: None,
+        at: now,
+        until: Some(now + 3600),
+    };
+    let ended = ControlEvent::Revoke {
+        jti: None,
+        user: Some("u1".into()),
+        at: now - 100,
+        until: Some(now - 1),
+    };
+    a.cluster.control(ended).await?;
+    a.cluster.control(live.clone()).await?;
+    // Other control events are not kept.
+    a.cluster
+        .control(ControlEvent::DisconnectUser { user: "u".into() })
+        .await?;
+    let b = node(options(SHARED, &p, "b")).await?;
+    assert_eq!(b.cluster.revocations().await?, vec![live]);
+    for n in [&a, &b] {
+        n.shutdown.cancel();
+    }
+    cleanup(&p, &[]).await
+}
+
 /// A node on its own runtime, so that it can die without any cleanup (as a killed process).
 struct Doomed {
     die: tokio::sync::oneshot::Sender<()>,

@@ -80,6 +80,12 @@ pub trait Bus: Interest {
     async fn watching(&self, _topic: &Topic) -> Result<(), BusError> {
         Ok(())
     }
+    /// The revocations made on any node that are still in force (`until` in the future), for
+    /// a node that starts after them: a clustered bus keeps each [`ControlEvent::Revoke`] it
+    /// carries (with `until` set) until it ends. None on a single node.
+    async fn revocations(&self) -> Result<Vec<ControlEvent>, BusError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Cluster-wide presence: connection counts per user.

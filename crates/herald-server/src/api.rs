@@ -550,11 +550,13 @@ async fn revoke(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bo
             r.user.as_deref() == Some(&*c.user) && s.issued_at.is_none_or(|iat| iat <= r.at);
         disconnected += usize::from(by_jti || by_user);
     });
+    // `until` is set here, so every node (and one started later) ends it at the same time.
+    let ttl = state.config.auth.revocation_ttl.as_secs();
     let event = ControlEvent::Revoke {
         jti: r.jti,
         user: r.user,
         at: r.at,
-        until: r.until,
+        until: Some(r.until.unwrap_or(r.at.saturating_add(ttl))),
     };
     state
         .bus

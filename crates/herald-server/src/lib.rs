@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use herald_core::acl::{Acl, AclError};
-use herald_core::bus::{Bus, MemoryBus, MemoryPresence, Presence};
+use herald_core::bus::{Bus, ControlEvent, MemoryBus, MemoryPresence, Presence};
 use herald_core::history::{History, MemoryHistory};
 use herald_core::hub::Hub;
 use herald_core::store::{MemoryStore, Retention, Store};
@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-use crate::auth::{AuthSetupError, JwtAuthenticator};
+use crate::auth::{AuthSetupError, JwtAuthenticator, Revocation};
 use crate::config::{BusBackend, Config, StoreBackend};
 use crate::state::{AppState, Router};
 
@@ -195,6 +195,28 @@ impl Node {
             auth: auth.clone(),
         }));
         hub.set_interest(bus.clone());
+        // Revocations made on other nodes before this one started.
+        match bus.revocations().await {
+            Ok(events) => {
+                for event in events {
+                    if let ControlEvent::Revoke {
+                        jti,
+                        user,
+                        at,
+                        until,
+                    } = event
+                    {
+                        auth.revoke(Revocation {
+                            jti,
+                            user,
+                            at,
+                            until,
+                        });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not load the cluster's revocations"),
+        }
 
         let inbox = inbox::Inbox::new(config.store.retry_after, config.store.max_retries);
         let state = Arc::new(AppState {

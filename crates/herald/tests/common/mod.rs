@@ -297,10 +297,23 @@ impl ServerBuilder {
         self
     }
 
+    /// Shares credentials between servers (e.g. the nodes of a cluster).
+    pub fn keys(mut self, keys: &Keys) -> Self {
+        self.keys = keys.clone();
+        self
+    }
+
     pub async fn start(self) -> Server {
+        let config = self.keys.config(&self.extra);
+        Server::spawn(config, self.keys, self.env).await
+    }
+}
+
+impl Server {
+    /// Spawns `herald serve` with exactly `config` and waits for its `listening on` line.
+    async fn spawn(config: String, keys: Keys, env: Vec<(String, String)>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("herald.toml");
-        let config = self.keys.config(&self.extra);
         std::fs::write(&config_path, &config).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
@@ -320,7 +333,11 @@ impl ServerBuilder {
                 cmd.env_remove(k);
             }
         }
-        for (k, v) in &self.env {
+        // For debugging a test: HERALD_TEST_LOG=herald_cluster=debug,info is the servers' RUST_LOG.
+        if let Ok(filter) = std::env::var("HERALD_TEST_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
+        for (k, v) in &env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn herald");
@@ -349,10 +366,11 @@ impl ServerBuilder {
 
         let mut server = Server {
             addr: "127.0.0.1:0".parse().unwrap(),
-            admin_key: self.keys.admin_key.clone(),
-            publish_key: self.keys.publish_key.clone(),
-            secret: self.keys.secret.clone(),
-            keys: self.keys,
+            admin_key: keys.admin_key.clone(),
+            publish_key: keys.publish_key.clone(),
+            secret: keys.secret.clone(),
+            keys,
+            env,
             pid,
             config_path,
             config_text: config,
@@ -397,6 +415,7 @@ pub struct Server {
     pub publish_key: String,
     pub secret: String,
     pub keys: Keys,
+    env: Vec<(String, String)>,
     pub pid: u32,
     pub config_path: PathBuf,
     pub config_text: String,
@@ -481,6 +500,46 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub async fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(T).await;
+    }
+
+    /// Whether the process has exited (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait").is_some(),
+            None => true,
+        }
+    }
+
+    /// Starts the same configuration again on the same address (after the process exited:
+    /// SIGKILL, or SIGTERM and [`Server::wait_exit`]). A running process is killed first.
+    pub async fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let pinned = format!("listen = \"{}\"", self.addr);
+        let config = self
+            .config_text
+            .lines()
+            .map(|l| if l.trim_start().starts_with("listen =") { pinned.as_str() } else { l })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let next = Server::spawn(config, self.keys.clone(), self.env.clone()).await;
+        assert_eq!(next.addr, self.addr, "restarted on another address");
+        // The old value only holds the exited process's files now.
+        drop(std::mem::replace(self, next));
+    }
+
+    /// `GET /readyz` answered 200 (false when it answers otherwise or not at all).
+    pub async fn is_ready(&self) -> bool {
+        let url = format!("{}/readyz", self.http_url());
+        matches!(self.http.get(&url).send().await, Ok(r) if r.status().as_u16() == 200)
     }
 
     // --- tokens -------------------------------------------------------------------------------
@@ -1078,5 +1137,39 @@ impl Ws {
             while let Some(Ok(_)) = self.stream.next().await {}
         })
         .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh schema in the local PostgreSQL database `test`, dropped with the value: a store
+/// several servers can share (`url`).
+pub struct PgSchema {
+    pub name: String,
+    pub url: String,
+}
+
+fn psql(sql: &str) {
+    let status = Command::new("psql")
+        .env("PGOPTIONS", "--client-min-messages=warning")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", sql])
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "psql: {sql}");
+}
+
+impl PgSchema {
+    pub fn new() -> PgSchema {
+        let name = format!("herald_t_{}", random_hex(12));
+        psql(&format!("CREATE SCHEMA {name}"));
+        let url = format!("postgres://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{name}");
+        PgSchema { name, url }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
     }
 }

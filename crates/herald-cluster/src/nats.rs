@@ -184,10 +184,15 @@ fn kv_stream(bucket: String, max_age: Duration, storage: stream::StorageType) ->
 /// Creates the streams that are missing; aligns `max_age` (a changed TTL setting).
 async fn ensure_streams(js: &jetstream::Context, streams: &[stream::Config]) -> Result<(), String> {
     for c in streams {
-        let s = js
-            .get_or_create_stream(c.clone())
-            .await
-            .map_err(|e| format!("stream {}: {e}", c.name))?;
+        let s = match js.get_or_create_stream(c.clone()).await {
+            Ok(s) => s,
+            // Another node created it between our lookup and our create ("subjects overlap
+            // with an existing stream"): it exists now.
+            Err(first) => js
+                .get_stream(&c.name)
+                .await
+                .map_err(|_| format!("stream {}: {first}", c.name))?,
+        };
         if s.cached_info().config.max_age != c.max_age {
             let mut updated = s.cached_info().config.clone();
             updated.max_age = c.max_age;
@@ -955,43 +960,53 @@ impl NatsCluster {
     ) -> Result<Vec<(String, Bytes)>, String> {
         self.connected()?;
         let prefix = format!("$KV.{}.", bucket.name);
-        let consumer = bucket
-            .stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("{prefix}{filter}"),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("presence scan: {e}"))?;
-        let mut out = Vec::new();
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| format!("presence scan: {e}"))?;
-        loop {
-            let m = match tokio::time::timeout(CONFIRM_TIMEOUT, messages.next()).await {
-                Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) => return Err(format!("presence scan: {e}")),
-                Ok(None) | Err(_) => return Err("presence scan: interrupted".into()),
-            };
-            let pending = m.info().map_err(|e| format!("presence scan: {e}"))?.pending;
-            let deleted = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some();
-            if let (false, Some(key)) = (deleted, m.subject.strip_prefix(&prefix)) {
-                out.push((key.to_owned(), m.payload.clone()));
+        // A pull consumer: it only sends what it is asked for, so nothing is pushed before the
+        // reader listens (an ordered push consumer could lose its first messages that way).
+        let consumer = tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            bucket
+                .stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: format!("{prefix}{filter}"),
+                    deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                    ..Default::default()
+                }),
+        )
+        .await
+        .map_err(|_| "presence scan: timed out".to_owned())?
+        .map_err(|e| format!("presence scan: {e}"))?;
+        // The keys' last values when the consumer was made: that many messages. Writers keep
+        // writing meanwhile (liveness records every presence_ttl/3), so the stream never
+        // runs dry by itself: stop after those, keeping the newest value seen per key.
+        let mut left = consumer.cached_info().num_pending;
+        let mut latest: HashMap<String, Option<Bytes>> = HashMap::new();
+        if left > 0 {
+            let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+            let mut messages = tokio::time::timeout_at(deadline, consumer.messages())
+                .await
+                .map_err(|_| "presence scan: timed out".to_owned())?
+                .map_err(|e| format!("presence scan: {e}"))?;
+            while left > 0 {
+                let m = match tokio::time::timeout_at(deadline, messages.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Err(e))) => return Err(format!("presence scan: {e}")),
+                    Ok(None) | Err(_) => return Err("presence scan: interrupted".into()),
+                };
+                left -= 1;
+                let deleted = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some();
+                if let Some(key) = m.subject.strip_prefix(&prefix) {
+                    latest.insert(key.to_owned(), (!deleted).then(|| m.payload.clone()));
+                }
             }
-            if pending == 0 {
-                return Ok(out);
-            }
         }
+        Ok(latest
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
     }
 
     // ---- history ----

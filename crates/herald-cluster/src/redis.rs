@@ -330,8 +330,11 @@ impl RedisCluster {
         // counters they feed.
         let mut session = Session { sub, reader };
         let batch = self.changes.take(&self.hub, Instant::now());
-        let written = match self.sync(&[], &[], false).await {
-            Ok(()) => self.apply(&mut session, &batch).await,
+        let written = match self.forget_previous().await {
+            Ok(()) => match self.sync(&[], &[], false).await {
+                Ok(()) => self.apply(&mut session, &batch).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = written {
@@ -512,6 +515,29 @@ impl RedisCluster {
     }
 
     /// Best effort, on shutdown: this node's presence goes, its interest shares with it.
+    /// Removes what an earlier process with this node id left (one killed and restarted
+    /// within `presence_ttl` would otherwise keep its counts alive through this one's
+    /// renewals), with the interest counters it fed; the batch that follows rewrites every
+    /// local count.
+    async fn forget_previous(&self) -> RedisResult<()> {
+        let mut conn = self.command_conn()?;
+        let left: Vec<String> = timed(
+            redis::cmd("HKEYS")
+                .arg(format!(
+                    "{}:node:{}:topics",
+                    self.opts.prefix, self.opts.node_id
+                ))
+                .query_async(&mut conn),
+        )
+        .await?;
+        let topics: Vec<(Topic, u64)> = left
+            .iter()
+            .filter_map(|t| Topic::parse(t).ok())
+            .map(|t| (t, 0))
+            .collect();
+        self.sync(&[], &topics, true).await
+    }
+
     async fn leave(&self) {
         let topics = self.interest_topics(false);
         if let Err(e) = timed(self.sync(&[], &topics, true)).await {

@@ -625,12 +625,36 @@ async fn command_replies_reach_the_connection_or_the_user() {
 
     // Bad input: clear errors, nothing delivered.
     let cases = [
-        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "x-1"}), 400, "not a connection id"),
-        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "c-n-x"}), 400, "not a connection id"),
-        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "code": 1000}), 400, "`code` must be 0 to 999"),
-        (json!({"command": "", "trace_id": "t", "user": {"id": "alice"}}), 400, "`command`"),
-        (json!({"command": "C", "user": {"id": "alice"}}), 400, "trace_id"),
-        (json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "c-elsewhere-1"}), 404, "no node holds connection c-elsewhere-1"),
+        (
+            json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "x-1"}),
+            400,
+            "not a connection id",
+        ),
+        (
+            json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "c-n-x"}),
+            400,
+            "not a connection id",
+        ),
+        (
+            json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "code": 1000}),
+            400,
+            "`code` must be 0 to 999",
+        ),
+        (
+            json!({"command": "", "trace_id": "t", "user": {"id": "alice"}}),
+            400,
+            "`command`",
+        ),
+        (
+            json!({"command": "C", "user": {"id": "alice"}}),
+            400,
+            "trace_id",
+        ),
+        (
+            json!({"command": "C", "trace_id": "t", "user": {"id": "alice"}, "conn_id": "c-elsewhere-1"}),
+            404,
+            "no node holds connection c-elsewhere-1",
+        ),
     ];
     for (req, status, text) in cases {
         let (s, body) = server

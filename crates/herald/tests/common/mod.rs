@@ -527,7 +527,13 @@ impl Server {
         let config = self
             .config_text
             .lines()
-            .map(|l| if l.trim_start().starts_with("listen =") { pinned.as_str() } else { l })
+            .map(|l| {
+                if l.trim_start().starts_with("listen =") {
+                    pinned.as_str()
+                } else {
+                    l
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n");
         let next = Server::spawn(config, self.keys.clone(), self.env.clone()).await;
@@ -1154,7 +1160,16 @@ pub struct PgSchema {
 fn psql(sql: &str) {
     let status = Command::new("psql")
         .env("PGOPTIONS", "--client-min-messages=warning")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", sql])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "test",
+            "-qc",
+            sql,
+        ])
         .status();
     assert!(status.is_ok_and(|s| s.success()), "psql: {sql}");
 }

@@ -70,11 +70,15 @@ pub struct Envelope<'a> {
 impl Envelope<'_> {
     pub fn to_bytes(&self) -> Bytes {
         // Strings, a map of JSON values and a raw JSON value: serializing cannot fail.
-        serde_json::to_vec(self).map(Bytes::from).unwrap_or_default()
+        serde_json::to_vec(self)
+            .map(Bytes::from)
+            .unwrap_or_default()
     }
 }
 
-/// A service's answer: `{code?, message?, data?}` (code 0, the default, is success).
+/// A service's answer: `{code?, message?, data?}` (code 0, the default, is success). Code
+/// [`crate::http::REPLY_LATER`] (202), from any target, means the service answers later
+/// through `POST /api/v1/replies`: the client is sent nothing now.
 #[derive(Debug, Deserialize)]
 pub struct Reply {
     #[serde(default)]
@@ -137,7 +141,14 @@ mod tests {
                 url: "https://svc/x".into()
             }
         );
-        for bad in ["amqp:", "amqp://h/q", "nats:a..b", "nats:", "ftp://x", "calls"] {
+        for bad in [
+            "amqp:",
+            "amqp://h/q",
+            "nats:a..b",
+            "nats:",
+            "ftp://x",
+            "calls",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }

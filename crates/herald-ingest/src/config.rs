@@ -1,6 +1,6 @@
 //! The `[ingest]` and `[upstream]` configuration sections (embedded in the server's config;
-//! every struct refuses unknown keys). Validation that needs no I/O is [`IngestConfig::check`]
-//! and [`UpstreamConfig::check`]; their messages name the key.
+//! every struct refuses unknown keys). The server's config validation checks them (URLs,
+//! names, command targets) and names the key in its messages.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -62,6 +62,11 @@ pub struct RedisSource {
     /// `ws:device:{deviceID}` → `device/{deviceID}/telemetry`.
     #[serde(default = "yes")]
     pub seed001: bool,
+    /// Prefix of the keys that elect one node per ephemeral message (`SET <prefix><hash>:<n>
+    /// NX PX 60000`, see `crate::redis`). Two deployments that take the same channels from
+    /// one Redis database must use different prefixes (or databases).
+    #[serde(default = "default_election_prefix")]
+    pub election_prefix: String,
 }
 
 /// `[ingest.nats]`: NATS subjects carrying publish requests.
@@ -122,6 +127,9 @@ fn default_exchange_type() -> String {
 }
 fn default_queue_group() -> String {
     "herald-ingest".to_owned()
+}
+fn default_election_prefix() -> String {
+    "herald:ingest:".to_owned()
 }
 fn yes() -> bool {
     true

@@ -16,6 +16,7 @@
 
 pub mod command;
 pub mod config;
+pub mod http;
 pub mod map;
 
 #[cfg(feature = "amqp")]

@@ -74,6 +74,10 @@ pub struct Config {
     pub log: LogConfig,
     /// `[[topics]]`, SPEC §5. Empty means the default rules ([`Acl::from_config`]).
     pub topics: Vec<TopicRule>,
+    /// `[ingest]`: RabbitMQ queues, Redis channels and NATS subjects publishing (SPEC §7).
+    pub ingest: herald_ingest::config::IngestConfig,
+    /// `[upstream]`: the command map (SPEC §7).
+    pub upstream: herald_ingest::config::UpstreamConfig,
 }
 
 /// `[server]`.
@@ -535,6 +539,8 @@ impl Config {
         }
         self.limits.validate()?;
         self.log.validate()?;
+        validate_ingest(&self.ingest)?;
+        validate_upstream(&self.upstream)?;
         self.auth.validate().map_err(ConfigError::Auth)?;
         if self.auth.jwt_public_key_file.is_some() {
             JwtAuthenticator::new(&self.auth)?;
@@ -976,6 +982,138 @@ fn backend_of<B: Backend>(key: &'static str, url: &str) -> Result<B, ConfigError
             scheme: excerpt(scheme),
             expected: B::EXPECTED,
         })
+}
+
+/// `[ingest]`: URLs present, names usable.
+fn validate_ingest(c: &herald_ingest::config::IngestConfig) -> Result<(), ConfigError> {
+    if let Some(a) = &c.amqp {
+        check_url("ingest.amqp.url", &a.url, &["amqp", "amqps"])?;
+        if a.prefetch == 0 {
+            return Err(invalid("ingest.amqp.prefetch", "must be at least 1".into()));
+        }
+        if a.queues.is_empty() {
+            return Err(invalid(
+                "ingest.amqp.queues",
+                "must list at least one queue ([[ingest.amqp.queues]] name = \"…\")".into(),
+            ));
+        }
+        for (i, q) in a.queues.iter().enumerate() {
+            if q.name.trim().is_empty() || q.name.len() > 255 {
+                return Err(invalid(
+                    &format!("ingest.amqp.queues[{i}].name"),
+                    "must be 1 to 255 bytes".into(),
+                ));
+            }
+            if !["direct", "fanout", "topic", "headers"].contains(&q.exchange_type.as_str()) {
+                return Err(invalid(
+                    &format!("ingest.amqp.queues[{i}].exchange_type"),
+                    format!(
+                        "must be direct, fanout, topic or headers, got {:?}",
+                        excerpt(&q.exchange_type)
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(r) = &c.redis {
+        check_url("ingest.redis.url", &r.url, &["redis", "rediss"])?;
+        if !r.seed002 && !r.seed001 {
+            return Err(invalid(
+                "ingest.redis",
+                "enables no channel (seed002 and seed001 are both false): remove the section"
+                    .into(),
+            ));
+        }
+    }
+    if let Some(n) = &c.nats {
+        check_url("ingest.nats.url", &n.url, &["nats", "tls"])?;
+        if n.subjects.is_empty() {
+            return Err(invalid(
+                "ingest.nats.subjects",
+                "must list at least one subject".into(),
+            ));
+        }
+        for (i, s) in n.subjects.iter().enumerate() {
+            if s.is_empty() || s.contains(char::is_whitespace) || s.split('.').any(str::is_empty) {
+                return Err(invalid(
+                    &format!("ingest.nats.subjects[{i}]"),
+                    format!("{:?} is not a NATS subject", excerpt(s)),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[upstream]`: every command's target parses, and its connection is configured.
+fn validate_upstream(c: &herald_ingest::config::UpstreamConfig) -> Result<(), ConfigError> {
+    use herald_ingest::command::Target;
+    if let Some(u) = &c.amqp_url {
+        check_url("upstream.amqp_url", u, &["amqp", "amqps"])?;
+    }
+    if let Some(u) = &c.nats_url {
+        check_url("upstream.nats_url", u, &["nats", "tls"])?;
+    }
+    check_duration(
+        "upstream.timeout",
+        c.timeout,
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    )?;
+    for (name, route) in &c.commands {
+        let key = format!("upstream.commands.{name}");
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(invalid(&key, "a command name is 1 to 128 bytes".into()));
+        }
+        let target =
+            Target::parse(&route.target).map_err(|e| invalid(&format!("{key}.target"), e))?;
+        match target {
+            Target::Amqp { .. } if c.amqp_url.is_none() => {
+                return Err(invalid(
+                    &format!("{key}.target"),
+                    "is an amqp: target, which needs upstream.amqp_url".into(),
+                ));
+            }
+            Target::Nats { .. } if c.nats_url.is_none() => {
+                return Err(invalid(
+                    &format!("{key}.target"),
+                    "is a nats: target, which needs upstream.nats_url".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(t) = route.timeout {
+            check_duration(
+                &format!("{key}.timeout"),
+                t,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A URL with one of `schemes`.
+fn check_url(key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let ok = url
+        .split_once("://")
+        .is_some_and(|(s, rest)| schemes.contains(&s) && !rest.is_empty());
+    if ok {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        format!(
+            "must be a {} URL, got {:?}",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://…"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            excerpt(url)
+        ),
+    ))
 }
 
 /// Refuses a backend this build does not include, listing those it does.

@@ -19,8 +19,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod inbox;
+pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -175,6 +177,8 @@ pub struct Node {
     /// Stops the cluster backend's tasks, after the drain (clients still connected while
     /// draining keep receiving what other nodes publish).
     bus_stop: CancellationToken,
+    /// The ingestion sources (they stop with the shutdown token).
+    _sources: ingest::Sources,
 }
 
 impl Node {
@@ -188,6 +192,16 @@ impl Node {
         let bus_stop = CancellationToken::new();
         let seams = build_seams(&config, &node_id, &hub, bus_stop.clone()).await?;
         let bus = seams.bus;
+        let commands = if config.upstream.commands.is_empty() {
+            commands::Commands::empty()
+        } else {
+            commands::Commands::connect(&config.upstream, &node_id, bus_stop.clone())
+                .await
+                .map_err(|message| ServerError::Backend {
+                    setting: "upstream",
+                    message,
+                })?
+        };
         let metrics = metrics::Metrics::new();
         bus.attach(Arc::new(Router {
             hub: hub.clone(),
@@ -227,6 +241,7 @@ impl Node {
             hub,
             bus,
             presence: seams.presence,
+            commands,
             store,
             history: seams.history,
             order: publish::OrderLocks::default(),
@@ -239,10 +254,17 @@ impl Node {
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
         });
+        let sources = ingest::start(&state)
+            .await
+            .map_err(|message| ServerError::Backend {
+                setting: "ingest",
+                message,
+            })?;
         Ok(Node {
             state,
             memory_history: seams.memory_history,
             bus_stop,
+            _sources: sources,
         })
     }
 
@@ -252,6 +274,7 @@ impl Node {
             state,
             memory_history,
             bus_stop,
+            _sources,
         } = self;
         let shutdown = state.shutdown.clone();
         let housekeeping = {

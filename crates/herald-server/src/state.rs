@@ -27,6 +27,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn Presence>,
+    /// The command map (`[upstream]`).
+    pub commands: crate::commands::Commands,
     pub store: Arc<dyn Store>,
     pub history: Arc<dyn History>,
     /// Per-topic ordering of publishes and history resumes.

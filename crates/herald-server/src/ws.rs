@@ -812,9 +812,11 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
             }
         }
         ClientFrame::Auth { token } => refresh(state, ctx, &token),
-        ClientFrame::Command { command, .. } => {
-            Err(Error::NotFound(format!("unknown command: {command}")))
-        }
+        ClientFrame::Command {
+            command,
+            trace_id,
+            data,
+        } => forward_command(state, ctx, &command, trace_id, &data),
         ClientFrame::Ping => {
             ctx.conn
                 .queue
@@ -1007,6 +1009,41 @@ async fn client_publish(
         extra.insert("seq".into(), json!(seq));
     }
     Ok(Some(extra))
+}
+
+/// `command`: forwarded to its service in a task of its own (see `commands`); the request is
+/// answered with the `trace_id` (generated when the client gave none). Commands count against
+/// `limits.client_publishes_per_minute`.
+fn forward_command(
+    state: &Arc<AppState>,
+    ctx: &Ctx,
+    command: &str,
+    trace_id: Option<String>,
+    data: &serde_json::value::RawValue,
+) -> Result<Option<Map<String, Value>>, Error> {
+    crate::publish::check_token("command", command)?;
+    let trace_id = match trace_id {
+        Some(t) => {
+            crate::publish::check_token("trace_id", &t)?;
+            t
+        }
+        None => herald_core::message::new_id(),
+    };
+    if !state.limiters.client_publish(&ctx.conn.user) {
+        return Err(Error::RateLimited("too many client publishes and commands"));
+    }
+    let forward = state.commands.prepare(
+        command,
+        trace_id.clone(),
+        data,
+        &ctx.identity,
+        &ctx.conn_id,
+        &state.node_id,
+        &ctx.conn,
+    )?;
+    tracing::debug!(%trace_id, command, user = %ctx.conn.user, "command forwarded");
+    state.tasks.spawn(forward.run());
+    Ok(Some(obj(json!({ "trace_id": trace_id }))))
 }
 
 /// `auth` after connecting: a refresh for the same user extends the session.

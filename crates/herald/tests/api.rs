@@ -669,3 +669,67 @@ async fn command_replies_reach_the_connection_or_the_user() {
     a1.expect_no_message(QUIET).await;
     a2.expect_no_message(QUIET).await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() {
+    let server = Server::start("").await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/openapi.json", server.http_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let doc: Value = resp.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    // Every route of the router (api.rs), with its methods.
+    let routes = [
+        ("/ws", &["get"][..]),
+        ("/api/v1/publish", &["post"]),
+        ("/api/v1/publish/batch", &["post"]),
+        ("/api/v1/broadcast", &["post"]),
+        ("/api/v1/users/{user}/messages", &["post", "get"]),
+        ("/api/v1/rooms/{room}/messages", &["post"]),
+        ("/api/v1/users/{user}/presence", &["get"]),
+        ("/api/v1/presence", &["get"]),
+        ("/api/v1/topics/{topic}/subscribers", &["get"]),
+        ("/api/v1/users/{user}/disconnect", &["post"]),
+        ("/api/v1/revocations", &["post"]),
+        ("/api/v1/replies", &["post"]),
+        ("/ws/stats", &["get"]),
+        ("/metrics", &["get"]),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+        ("/demo", &["get"]),
+        ("/api/v1/openapi.json", &["get"]),
+    ];
+    for (path, methods) in routes {
+        let item = paths.get(path).unwrap_or_else(|| panic!("{path} missing"));
+        for m in methods {
+            assert!(item.get(*m).is_some(), "{m} {path} missing");
+        }
+    }
+    assert_eq!(
+        paths.len(),
+        routes.len(),
+        "paths not served: {:?}",
+        paths.keys()
+    );
+    // Every operation names its answers and has an id.
+    for (path, item) in paths {
+        for (m, op) in item.as_object().unwrap() {
+            if m == "parameters" {
+                continue;
+            }
+            assert!(op["operationId"].is_string(), "{m} {path}");
+            assert!(
+                op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                "{m} {path}"
+            );
+        }
+    }
+}

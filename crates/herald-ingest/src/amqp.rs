@@ -59,6 +59,11 @@
 //! is noticed by TCP or by AMQP heartbeats: add `?heartbeat=<seconds>` to the URL to shorten
 //! the broker's default (60 s).
 //!
+//! **Shutdown** (the server's shutdown token): no new delivery is taken, the one in progress
+//! finishes and is settled, the connection is closed and RabbitMQ requeues what was
+//! prefetched; [`AmqpIngestHandle::join`] returns then. Herald never consumes the dead-letter
+//! queue: look at it, or move messages back with a shovel once fixed.
+//!
 //! **Metrics** (`source` = `amqp:<queue>`):
 //! - `herald_ingest_messages_total{source,outcome="accepted|duplicate|rejected|retried"}`;
 //! - `herald_ingest_lag_seconds{source}`: now − the message's `timestamp`, when it has one;
@@ -469,14 +474,17 @@ async fn supervise(shared: Arc<Shared>, mut session: Session) {
         warn!(reason = %why, "RabbitMQ ingestion: connection lost, reconnecting");
         let mut delay = RECONNECT_MIN;
         session = loop {
-            tokio::select! {
+            let opened = tokio::select! {
                 _ = shared.shutdown.cancelled() => {
                     info!("RabbitMQ ingestion stopped");
                     return;
                 }
-                _ = tokio::time::sleep(delay) => {}
-            }
-            match Session::open(&shared).await {
+                opened = async {
+                    tokio::time::sleep(delay).await;
+                    Session::open(&shared).await
+                } => opened,
+            };
+            match opened {
                 Ok(s) => break s,
                 Err(e) => {
                     delay = (delay * 2).min(RECONNECT_MAX);
@@ -520,7 +528,7 @@ impl Session {
         let conn = connect(&cfg.url, "herald-ingest".into()).await?;
         let (dead, watcher) = watch(&conn);
         // Dropped on an error below: ends the watcher.
-        let _guard = dead.clone().drop_guard();
+        let guard = dead.clone().drop_guard();
         let setup = conn
             .create_channel()
             .await
@@ -571,7 +579,7 @@ impl Session {
         }
         let poller = tokio::spawn(poll_backlog(shared.clone(), setup, depths));
         *lock(&shared.connection) = Some(conn.status().clone());
-        _guard.disarm();
+        guard.disarm();
         Ok(Session {
             conn,
             workers,
@@ -1096,11 +1104,14 @@ impl AmqpUpstream {
             warn!(reason = %why, "RabbitMQ upstream: connection lost, reconnecting");
             let mut delay = RECONNECT_MIN;
             live = loop {
-                tokio::select! {
+                let opened = tokio::select! {
                     _ = self.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                match self.open().await {
+                    opened = async {
+                        tokio::time::sleep(delay).await;
+                        self.open().await
+                    } => opened,
+                };
+                match opened {
                     Ok(opened) => break opened,
                     Err(e) => {
                         delay = (delay * 2).min(RECONNECT_MAX);
@@ -1196,6 +1207,11 @@ impl Upstream for AmqpUpstream {
         match confirmed {
             Err(_) => return Err(UpstreamError::Timeout(timeout)),
             Ok(Err(e)) => {
+                if !link.channel.status().connected() && !link.dead.is_cancelled() {
+                    // The connection may be fine but this channel is not: start afresh.
+                    warn!(error = %e, "RabbitMQ upstream: the publishing channel failed");
+                    link.dead.cancel();
+                }
                 return Err(UpstreamError::Unavailable(format!(
                     "cannot publish to queue {queue}: {e}"
                 )));

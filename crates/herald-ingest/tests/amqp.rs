@@ -3,12 +3,15 @@
 //! Every test uses its own random queue, exchange and dead-letter exchange names and deletes
 //! them at the end (also when it fails: [`Cleanup`]).
 //!
-//! Connection loss is real: the source under test connects through [`Proxy`], a TCP relay
-//! owned by the test. `cut()` closes both sockets of every relayed connection — RabbitMQ sees
-//! its client go away (and requeues what was unacknowledged), the client sees the broker go
-//! away — and refuses new connections until `restore()`. From either side this is what a
-//! broker restart or a network failure looks like; the shared broker itself is never
-//! restarted.
+//! Connection loss is real, two ways (the shared broker itself is never restarted):
+//! - [`Proxy`], a TCP relay owned by the test, between the source and the shared broker:
+//!   `cut()` closes both sockets of every relayed connection — RabbitMQ sees its client go away
+//!   (and requeues what was unacknowledged), the client sees the broker go away — and refuses
+//!   new connections until `restore()`. Fast, so used for the exact-once and mid-stream tests.
+//! - [`PrivateBroker`], a RabbitMQ node of the test's own (the installed `rabbitmq-server`,
+//!   its own port, node name and data directory; about 4 s to boot): killed with SIGKILL and
+//!   started again on the same data, a real broker crash and restart.
+#![cfg(feature = "amqp")]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -411,6 +414,103 @@ impl Proxy {
     }
 }
 
+/// A RabbitMQ node started by the test (see the file's doc). `HERALD_TEST_RABBITMQ_SERVER`
+/// names the `rabbitmq-server` script if it is not at the Debian/Ubuntu path.
+struct PrivateBroker {
+    dir: std::path::PathBuf,
+    node: String,
+    port: u16,
+    dist_port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateBroker {
+    async fn start() -> Result<PrivateBroker> {
+        let free = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let id = ulid::Ulid::new().to_string().to_lowercase();
+        let dir = std::env::temp_dir().join(format!("herald-rabbitmq-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut b = PrivateBroker {
+            dir,
+            node: format!("herald-test-{id}@localhost"),
+            port: free()?,
+            dist_port: free()?,
+            child: None,
+        };
+        b.boot().await?;
+        Ok(b)
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (on the same data as before, if any) and waits for its AMQP port.
+    async fn boot(&mut self) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let script = std::env::var("HERALD_TEST_RABBITMQ_SERVER")
+            .unwrap_or_else(|_| "/usr/lib/rabbitmq/bin/rabbitmq-server".into());
+        let d = &self.dir;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("server.out"))?;
+        let child = std::process::Command::new(&script)
+            .env("HOME", d)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            // Not the system's rabbitmq.conf (it sets the shared broker's listener).
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {script} (set HERALD_TEST_RABBITMQ_SERVER)"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Connection::connect(&self.url(), ConnectionProperties::default())
+            .await
+            .map(drop)
+            .is_err()
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the private RabbitMQ did not start: see {}",
+                self.dir.join("server.out").display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to the whole node (script and Erlang VM): a crash, nothing shut down cleanly.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let group = format!("-{}", child.id());
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.kill.lock().unwrap().cancel();
@@ -809,6 +909,91 @@ async fn consumption_resumes_after_connection_losses_mid_stream_and_nothing_is_l
     stop(handle, &shutdown).await;
     let b = Broker::connect().await?;
     assert_eq!(b.ready(&q).await?, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_broker_crash_and_restart_loses_nothing_unacknowledged() -> Result<()> {
+    let mut broker = PrivateBroker::start().await?;
+    let (q, dlx) = (name("q"), name("dlx"));
+    let rec = Recorder::new();
+    let (release, held) = oneshot::channel();
+    rec.script("k-3", vec![Answer::Hold(held)]);
+    let shutdown = CancellationToken::new();
+    let handle = AmqpIngest::start(
+        source(&broker.url(), &dlx, 4, vec![queue(&q)]),
+        rec.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let url = broker.url();
+    let publish = |from: usize, to: usize| {
+        let (url, q) = (url.clone(), q.clone());
+        async move {
+            // Persistent, confirmed by the broker: on its disk before the crash.
+            let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            for i in from..to {
+                let body = serde_json::to_vec(
+                    &json!({"topic":"user/5","event":"e","durable":true,"id":format!("k-{i}")}),
+                )?;
+                ch.basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?
+                .await?;
+            }
+            conn.close(200, "done".into()).await?;
+            anyhow::Ok(())
+        }
+    };
+    publish(0, 10).await?;
+    // k-0..k-2 stored and acknowledged, k-3 being stored, the next ones prefetched or ready.
+    rec.wait("k-3 in progress", |s| s.calls.len() == 4).await;
+
+    broker.kill();
+    eventually("unhealthy", || !handle.healthy()).await;
+    let _ = release.send(()); // k-3 is stored; its ack has nowhere to go
+    eventually("k-3 accepted", || handle.stats().accepted == 4).await;
+
+    broker.boot().await?;
+    eventually("reconnected", || handle.healthy()).await;
+    publish(10, 20).await?;
+    rec.wait("all 20", |s| s.delivered.len() == 20).await;
+
+    let calls = {
+        let s = rec.state();
+        let got: HashSet<String> = s.delivered_ids().into_iter().collect();
+        assert_eq!(got.len(), 20, "each stored once");
+        assert!(
+            s.calls_for("k-3").len() >= 2,
+            "k-3 redelivered after the restart"
+        );
+        s.calls.len()
+    };
+    eventually("counted", || {
+        let st = handle.stats();
+        st.accepted == 20 && (st.accepted + st.duplicate) as usize == calls
+    })
+    .await;
+    assert_eq!(handle.stats().reconnects, 1);
+    eprintln!("broker restart: 20 messages, {calls} submits");
+    stop(handle, &shutdown).await;
+    let conn = Connection::connect(&broker.url(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let ready = ch
+        .queue_declare(q.as_str().into(), passive, FieldTable::default())
+        .await?;
+    assert_eq!(ready.message_count(), 0);
     Ok(())
 }
 

@@ -268,3 +268,136 @@ fn a_command_map_that_cannot_work_is_refused_by_the_config_check() {
         "{err}"
     );
 }
+
+/// A NATS worker and an AMQP worker written here answer commands routed through the binary.
+#[tokio::test]
+async fn commands_round_trip_through_nats_and_amqp_workers() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let subject = format!("herald.test.cmd.{}", random_hex(6));
+    let queue = format!("herald.test.cmd.{}", random_hex(6));
+
+    // NATS worker: answers with the envelope's trace id and user.
+    let nc = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let mut sub = nc.subscribe(subject.clone()).await.unwrap();
+    nc.flush().await.unwrap();
+    let nats_worker = {
+        let nc = nc.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let env: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                if let Some(reply) = m.reply {
+                    let body = json!({"code": 0, "data": {"via": "nats", "trace_id": env["trace_id"], "user": env["user"]["id"]}});
+                    let _ = nc.publish(reply, body.to_string().into()).await;
+                }
+            }
+        })
+    };
+
+    // AMQP worker: consumes the queue, replies to reply_to with the correlation id.
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let amqp_worker = {
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let env: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
+                let _ = d.ack(BasicAckOptions::default()).await;
+                let (Some(reply_to), Some(corr)) = (
+                    d.properties.reply_to().clone(),
+                    d.properties.correlation_id().clone(),
+                ) else {
+                    continue;
+                };
+                let body = json!({"code": 0, "data": {"via": "amqp", "trace_id": env["trace_id"], "user": env["user"]["id"]}});
+                let _ = ch
+                    .basic_publish(
+                        "".into(),
+                        reply_to.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.to_string().as_bytes(),
+                        BasicProperties::default().with_correlation_id(corr),
+                    )
+                    .await;
+            }
+        })
+    };
+
+    let server = Server::start(&format!(
+        r#"
+[upstream]
+amqp_url = "{amqp_url}"
+nats_url = "nats://127.0.0.1:4222"
+timeout = "5s"
+[upstream.commands.VIA_NATS]
+target = "nats:{subject}"
+[upstream.commands.VIA_AMQP]
+target = "amqp:{queue}"
+[upstream.commands.NOBODY]
+target = "nats:{subject}.nobody"
+"#
+    ))
+    .await;
+    let mut ws = server.connect_user("bob").await;
+    for (cmd, via) in [("VIA_NATS", "nats"), ("VIA_AMQP", "amqp")] {
+        for n in 0..3 {
+            let trace = format!("t-{via}-{n}");
+            let r = ws
+                .request(json!({"type": "command", "id": trace, "command": cmd, "trace_id": trace, "data": {"n": n}}))
+                .await;
+            assert_eq!(r["code"], 0, "{r}");
+            let cr = next_command_reply(&mut ws).await;
+            assert_eq!(cr["trace_id"], trace.as_str(), "{cr}");
+            assert_eq!(cr["code"], 0, "{cr}");
+            assert_eq!(
+                cr["data"],
+                json!({"via": via, "trace_id": trace, "user": "bob"}),
+                "{cr}"
+            );
+        }
+    }
+    // Nobody listens on the subject: 503 at once.
+    ws.request(
+        json!({"type": "command", "id": "x", "command": "NOBODY", "trace_id": "t-x", "data": {}}),
+    )
+    .await;
+    let cr = next_command_reply(&mut ws).await;
+    assert_eq!(
+        (cr["trace_id"].clone(), cr["code"].clone()),
+        (json!("t-x"), json!(503)),
+        "{cr}"
+    );
+
+    nats_worker.abort();
+    amqp_worker.abort();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+}

@@ -36,6 +36,8 @@ pub struct Submitted {
     /// The id was stored already: nothing was stored or delivered (redelivery of a message
     /// the gateway had stored before it could acknowledge it to the broker).
     pub duplicate: bool,
+    /// The message is durable: it was stored before this answer (status `pending`).
+    pub stored: bool,
 }
 
 /// Why a request was not accepted.

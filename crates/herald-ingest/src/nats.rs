@@ -15,13 +15,10 @@
 //!
 //! | outcome | reply |
 //! | --- | --- |
-//! | accepted | `{"id":"…","status":"published"}`, or `"pending"` when the request asked for durable delivery (`durable:true`, or a user message: stored, awaiting delivery) |
+//! | accepted | `{"id":"…","status":"published"}`, or `"pending"` when the message is durable (stored, awaiting delivery) |
 //! | id already stored | `{"id":"…","status":"duplicate"}` (nothing stored or delivered) |
 //! | malformed or refused | `{"code":400,"message":"…"}` |
 //! | store or bus down | `{"code":503,"message":"…"}` (the publisher may retry) |
-//!
-//! `published` does not promise the message was not stored: a topic rule with `durable = true`
-//! makes a request without `durable` durable, and the source is not told.
 //!
 //! Core NATS keeps nothing and has no dead-letter queue: a malformed or refused message is
 //! logged and counted `rejected`; one that arrives while the gateway is unavailable is
@@ -57,7 +54,6 @@ use async_nats::{Client, ConnectOptions, Event, HeaderMap, HeaderValue, Message,
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -182,11 +178,7 @@ impl Worker {
                         "duplicate"
                     } else {
                         self.count("accepted");
-                        if asks_durable(&body) {
-                            "pending"
-                        } else {
-                            "published"
-                        }
+                        if s.stored { "pending" } else { "published" }
                     };
                     json!({"id": s.id, "status": status})
                 }
@@ -218,19 +210,6 @@ impl Worker {
             "source" => self.source.clone(), "outcome" => outcome)
         .increment(1);
     }
-}
-
-/// Whether a (normalized) publish request says `durable: true`.
-fn asks_durable(body: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Durable {
-        #[serde(default)]
-        durable: Option<bool>,
-    }
-    serde_json::from_slice::<Durable>(body)
-        .ok()
-        .and_then(|d| d.durable)
-        .unwrap_or(false)
 }
 
 /// The `nats:<subject>` command target.
@@ -345,18 +324,5 @@ fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
         _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durable_requests() {
-        assert!(asks_durable(br#"{"topic":"user/1","durable":true}"#));
-        assert!(!asks_durable(br#"{"topic":"user/1","durable":false}"#));
-        assert!(!asks_durable(br#"{"topic":"user/1"}"#));
-        assert!(!asks_durable(b"nope"));
     }
 }

@@ -175,7 +175,11 @@ impl Submit for Recorder {
                 if !duplicate {
                     s.delivered.push(body);
                 }
-                Ok(Submitted { id, duplicate })
+                Ok(Submitted {
+                    id,
+                    duplicate,
+                    stored: false,
+                })
             }
         };
         self.changed.send_modify(|n| *n += 1);

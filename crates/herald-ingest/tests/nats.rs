@@ -197,6 +197,7 @@ async fn requests_get_a_reply() -> Result<()> {
         Some("again") => Some(Ok(Submitted {
             id: "m-dup".into(),
             duplicate: true,
+            stored: false,
         })),
         _ => None,
     });

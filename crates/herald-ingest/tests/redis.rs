@@ -204,6 +204,7 @@ async fn bad_messages_are_counted_and_the_source_goes_on() -> Result<()> {
             Some("flaky") => Some(Ok(Submitted {
                 id: "flaky".into(),
                 duplicate: false,
+                stored: false,
             })),
             _ => None,
         }

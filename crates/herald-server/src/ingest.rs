@@ -35,6 +35,7 @@ impl Submit for Ingest {
         match publish(&self.state, req, None).await {
             Ok(p) => Ok(Submitted {
                 duplicate: p.status == "duplicate",
+                stored: p.status == "pending",
                 id: p.id,
             }),
             Err(e) => {

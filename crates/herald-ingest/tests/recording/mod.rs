@@ -132,7 +132,13 @@ impl Submit for Recorder {
                 .lock()
                 .map(|mut s| s.insert(id.clone()))
                 .unwrap_or(true);
-        Ok(Submitted { id, duplicate })
+        // As the gateway: a durable request is stored (unless its id was already).
+        let stored = body["durable"] == Value::Bool(true) && !duplicate;
+        Ok(Submitted {
+            id,
+            duplicate,
+            stored,
+        })
     }
 }
 

@@ -246,14 +246,6 @@ fn history_unavailable(e: impl std::fmt::Display) -> HistoryError {
     HistoryError::Unavailable(format!("redis: {e}"))
 }
 
-/// `url` without its password, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
-        _ => url.to_owned(),
-    }
-}
-
 /// Whether `e` means the connection is gone (reconnect) rather than one command failing.
 fn connection_lost(e: &RedisError) -> bool {
     e.is_io_error() || e.is_unrecoverable_error()
@@ -281,8 +273,12 @@ impl RedisCluster {
         hub: Arc<Hub>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, ClusterError> {
-        let client = Client::open(opts.url.as_str())
-            .map_err(|e| ClusterError::Url(format!("{}: {e}", redacted(&opts.url))))?;
+        let client = Client::open(opts.url.as_str()).map_err(|e| {
+            ClusterError::Url(format!(
+                "{}: {e}",
+                herald_core::redact::url_password(&opts.url)
+            ))
+        })?;
         let p = &opts.prefix;
         let this = Arc::new(Self {
             topic_prefix: format!("{p}:t:"),
@@ -300,7 +296,7 @@ impl RedisCluster {
         });
         let session = this.open().await.map_err(|e| ClusterError::Connect {
             backend: "redis",
-            url: redacted(&this.opts.url),
+            url: herald_core::redact::url_password(&this.opts.url),
             message: e.to_string(),
         })?;
         info!(node = %this.opts.node_id, prefix = %this.opts.prefix, "cluster bus on redis");

@@ -12,6 +12,7 @@
 //! - [`history`]: topic history (gapless `seq`, resume with `since`) and retained values.
 //! - [`store`]: the [`store::Store`] trait (durable user inboxes) and its in-memory implementation.
 //! - [`error`]: the one error type and its mapping to protocol codes.
+//! - [`redact`]: passwords out of URLs that are logged or answered.
 //! - [`duration`]: human durations (`"10s"`, `"5m"`) for configuration.
 //!
 //! Data flows: publish → [`bus::Bus::publish`] → (every node watching the topic)
@@ -27,5 +28,6 @@ pub mod hub;
 pub mod identity;
 pub mod message;
 pub mod queue;
+pub mod redact;
 pub mod store;
 pub mod topic;

@@ -171,7 +171,7 @@ pub fn check(cfg: &AmqpSource) -> Result<(), String> {
     if !cfg.url.starts_with("amqp://") && !cfg.url.starts_with("amqps://") {
         return Err(format!(
             "ingest.amqp.url: {:?} is not an amqp:// or amqps:// URL",
-            redact(&cfg.url)
+            herald_core::redact::url_password(&cfg.url)
         ));
     }
     if cfg.prefetch == 0 {
@@ -231,21 +231,6 @@ fn exchange_kind(s: &str) -> Result<ExchangeKind, String> {
     })
 }
 
-/// The URL with its password masked, for messages and logs.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
 fn short(what: &str, s: &str) -> Result<ShortString, AmqpError> {
     ShortString::try_new(s)
         .map_err(|_| AmqpError::Config(format!("{what} {s:?} is longer than 255 bytes")))
@@ -267,11 +252,11 @@ async fn connect(url: &str, name: String) -> Result<Connection, AmqpError> {
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(AmqpError::Connect {
-            url: redact(url),
+            url: herald_core::redact::url_password(url),
             source,
         }),
         Err(_) => Err(AmqpError::ConnectTimeout {
-            url: redact(url),
+            url: herald_core::redact::url_password(url),
             after: CONNECT_TIMEOUT,
         }),
     }
@@ -326,7 +311,7 @@ async fn close(conn: &Connection, text: &str) {
 
 fn stalled(url: &str) -> AmqpError {
     AmqpError::ConnectTimeout {
-        url: redact(url),
+        url: herald_core::redact::url_password(url),
         after: OPEN_TIMEOUT,
     }
 }
@@ -401,7 +386,7 @@ impl AmqpIngest {
         });
         let session = Session::open(&shared).await?;
         info!(
-            url = %redact(&shared.cfg.url),
+            url = %herald_core::redact::url_password(&shared.cfg.url),
             queues = ?shared.cfg.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
             "RabbitMQ ingestion started"
         );
@@ -1279,16 +1264,6 @@ mod tests {
         let mut s = source(vec![queue("a")]);
         s.url = "http://x".into();
         assert!(err(s).contains("ingest.amqp.url"));
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact("amqp://u:secret@h:5672/%2f"),
-            "amqp://u:***@h:5672/%2f"
-        );
-        assert_eq!(redact("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
-        assert_eq!(redact("amqp://u@h/v"), "amqp://u@h/v");
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl NatsIngest {
             tokio::spawn(worker.run(sub, shutdown.clone()));
         }
         info!(
-            url = %redacted(&cfg.url),
+            url = %herald_core::redact::url_password(&cfg.url),
             subjects = ?cfg.subjects,
             queue_group = %cfg.queue_group,
             "nats ingest subscribed"
@@ -303,7 +303,7 @@ async fn connect(url: &str, setting: &'static str, name: &str) -> Result<Client,
         .await
         .map_err(|e| StartError::Connect {
             setting,
-            url: redacted(url),
+            url: herald_core::redact::url_password(url),
             message: e.to_string(),
         })
 }
@@ -317,12 +317,5 @@ async fn round_trip(client: &Client) {
         other => {
             debug!(result = ?other.map(|_| ()), "nats: unexpected answer to the sync round trip")
         }
-    }
-}
-
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
-        _ => url.to_owned(),
     }
 }

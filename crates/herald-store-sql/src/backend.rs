@@ -92,7 +92,7 @@ pub(crate) async fn open(
 }
 
 fn invalid_url(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> SetupError {
-    let url = crate::url::redact(url);
+    let url = herald_core::redact::url_password(url);
     move |source| SetupError::InvalidUrl {
         backend: backend.name(),
         url,
@@ -101,7 +101,7 @@ fn invalid_url(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> Setup
 }
 
 fn connect_failed(backend: Backend, url: &str) -> impl FnOnce(sqlx::Error) -> SetupError {
-    let url = crate::url::redact(url);
+    let url = herald_core::redact::url_password(url);
     move |source| SetupError::Connect {
         backend: backend.name(),
         url,
@@ -314,7 +314,7 @@ impl From<sqlx::Error> for MigrateError {
 
 impl MigrateError {
     pub(crate) fn into_setup(self, backend: Backend, url: &str) -> SetupError {
-        let url = crate::url::redact(url);
+        let url = herald_core::redact::url_password(url);
         match self {
             Self::Sql(source) => SetupError::Migrate {
                 backend: backend.name(),

@@ -5,7 +5,7 @@
 //! - this file: [`connect`] (the one factory: the backend is chosen by the scheme of
 //!   `store.url`), [`Options`] and the public re-exports;
 //! - [`error`]: [`SetupError`], every way start-up can fail, each naming `store.url`;
-//! - `url`: scheme parsing and password redaction;
+//! - `url`: scheme parsing;
 //! - `backend`: the pools, connecting, migrations (`herald_schema_version`) and the batched
 //!   multi-row insert of each backend;
 //! - `store`: [`SqlStore`], the [`Store`] implementation; reads are written once and run on

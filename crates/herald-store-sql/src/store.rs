@@ -103,13 +103,13 @@ impl SqlStore {
             Ok(found) => found.map_err(|e| e.into_setup(backend, &url))?,
             Err(_) => {
                 return Err(SetupError::MigrationLocked {
-                    url: crate::url::redact(&url),
+                    url: herald_core::redact::url_password(&url),
                 });
             }
         };
         tracing::info!(
             backend = backend.name(),
-            url = %crate::url::redact(&url),
+            url = %herald_core::redact::url_password(&url),
             schema_version = found.max(backend::SCHEMA_VERSION),
             "store opened"
         );

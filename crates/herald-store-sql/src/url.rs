@@ -31,22 +31,6 @@ pub(crate) fn parse(url: &str) -> Result<(Backend, String), SetupError> {
     Ok((backend, normalized))
 }
 
-/// `url` with any password replaced by `***`, for messages and logs.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-        None => url.to_owned(),
-    }
-}
-
 /// At most 32 characters of an unknown scheme, for the message.
 fn excerpt(s: &str) -> String {
     s.chars().take(32).collect()
@@ -82,16 +66,5 @@ mod tests {
             parse(" "),
             Err(SetupError::UnsupportedScheme { .. })
         ));
-    }
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact("postgres://u:s3cr@t@h:5432/db?x=1"),
-            "postgres://u:***@h:5432/db?x=1"
-        );
-        assert_eq!(redact("mysql://root@h/db"), "mysql://root@h/db");
-        assert_eq!(redact("sqlite://data/h.db"), "sqlite://data/h.db");
-        assert_eq!(redact("sqlite::memory:"), "sqlite::memory:");
     }
 }

@@ -72,8 +72,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listen = config.server.listen;
     let log_fields = (
         config.server.node_id.clone(),
-        redact_url(&config.store.url),
-        redact_url(&config.bus.url),
+        herald_core::redact::url_password(&config.store.url),
+        herald_core::redact::url_password(&config.bus.url),
     );
     let node = herald_server::Node::start(config.clone(), shutdown.clone())
         .await
@@ -101,27 +101,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     node.serve(listener).await.context("server failed")?;
     tracing::info!("drained, exiting");
     Ok(ExitCode::SUCCESS)
-}
-
-/// A URL with its password replaced by `***`, for logs.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest
-        .split_once('/')
-        .map_or((rest, None), |(a, p)| (a, Some(p)));
-    let redacted = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
-    };
-    match path {
-        Some(p) => format!("{scheme}://{redacted}/{p}"),
-        None => format!("{scheme}://{redacted}"),
-    }
 }
 
 pub fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
@@ -271,23 +250,24 @@ fn print_dev_banner(
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
-
     #[test]
     fn passwords_never_reach_the_logs() {
         assert_eq!(
-            redact_url("postgres://u:pw@db:5432/herald?x=1"),
+            herald_core::redact::url_password("postgres://u:pw@db:5432/herald?x=1"),
             "postgres://u:***@db:5432/herald?x=1"
         );
         assert_eq!(
-            redact_url("mysql://root@127.0.0.1/test"),
+            herald_core::redact::url_password("mysql://root@127.0.0.1/test"),
             "mysql://root@127.0.0.1/test"
         );
-        assert_eq!(redact_url("redis://:secret@h:6379"), "redis://:***@h:6379");
         assert_eq!(
-            redact_url("sqlite://data/herald.db"),
+            herald_core::redact::url_password("redis://:secret@h:6379"),
+            "redis://:***@h:6379"
+        );
+        assert_eq!(
+            herald_core::redact::url_password("sqlite://data/herald.db"),
             "sqlite://data/herald.db"
         );
-        assert_eq!(redact_url("memory"), "memory");
+        assert_eq!(herald_core::redact::url_password("memory"), "memory");
     }
 }

@@ -33,6 +33,78 @@ pub struct AmqpSource {
     pub queues: Vec<AmqpQueue>,
 }
 
+impl AmqpSource {
+    /// Checks `[ingest.amqp]` without I/O: what the server's config validation (and so
+    /// `herald check-config`) and the source's start both refuse. Messages name the key.
+    pub fn check(&self) -> Result<(), String> {
+        let short = |key: &str, v: &str| -> Result<(), String> {
+            if v.len() > 255 {
+                return Err(format!("{key}: {v:?} is longer than 255 bytes"));
+            }
+            Ok(())
+        };
+        let scheme_ok = ["amqp://", "amqps://"].iter().any(|s| {
+            self.url
+                .strip_prefix(s)
+                .is_some_and(|rest| !rest.is_empty())
+        });
+        if !scheme_ok {
+            return Err(format!(
+                "ingest.amqp.url: {:?} is not an amqp:// or amqps:// URL",
+                herald_core::redact::url_password(&self.url)
+            ));
+        }
+        if self.prefetch == 0 {
+            return Err("ingest.amqp.prefetch: must be at least 1 (0 would mean unlimited)".into());
+        }
+        if self.dead_letter_exchange.is_empty() {
+            return Err("ingest.amqp.dead_letter_exchange: must not be empty".into());
+        }
+        short(
+            "ingest.amqp.dead_letter_exchange",
+            &format!("{}.queue", self.dead_letter_exchange),
+        )?;
+        if self.queues.is_empty() {
+            return Err(
+                "ingest.amqp.queues: name at least one queue ([[ingest.amqp.queues]] name = \"…\")"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for q in &self.queues {
+            if q.name.trim().is_empty() || q.name.starts_with("amq.") {
+                return Err(format!(
+                    "ingest.amqp.queues.name: {:?} is not a queue name Herald can declare",
+                    q.name
+                ));
+            }
+            short("ingest.amqp.queues.name", &q.name)?;
+            if !seen.insert(q.name.as_str()) {
+                return Err(format!("ingest.amqp.queues: {:?} is listed twice", q.name));
+            }
+            if !["direct", "fanout", "topic", "headers"].contains(&q.exchange_type.as_str()) {
+                return Err(format!(
+                    "ingest.amqp.queues.exchange_type ({}): {:?} is not direct, fanout, topic or headers",
+                    q.name, q.exchange_type
+                ));
+            }
+            if let Some(ex) = &q.exchange {
+                if ex.is_empty() {
+                    return Err(format!(
+                        "ingest.amqp.queues.exchange ({}): leave it out to use the default exchange",
+                        q.name
+                    ));
+                }
+                short("ingest.amqp.queues.exchange", ex)?;
+            }
+            for key in &q.routing_keys {
+                short("ingest.amqp.queues.routing_keys", key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One `[[ingest.amqp.queues]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -744,6 +744,9 @@ pub enum ConfigError {
     /// A value out of range or inconsistent with another: `<key> <reason>`.
     #[error("{key} {reason}")]
     Invalid { key: String, reason: String },
+    /// A section checked by the crate that uses it; the message names the key.
+    #[error("{0}")]
+    Section(String),
     /// A backend Herald knows of but this build does not include.
     #[error("{key}: backend \"{backend}\" is not available in this build (supported: {supported})")]
     BackendUnavailable {
@@ -987,33 +990,7 @@ fn backend_of<B: Backend>(key: &'static str, url: &str) -> Result<B, ConfigError
 /// `[ingest]`: URLs present, names usable.
 fn validate_ingest(c: &herald_ingest::config::IngestConfig) -> Result<(), ConfigError> {
     if let Some(a) = &c.amqp {
-        check_url("ingest.amqp.url", &a.url, &["amqp", "amqps"])?;
-        if a.prefetch == 0 {
-            return Err(invalid("ingest.amqp.prefetch", "must be at least 1".into()));
-        }
-        if a.queues.is_empty() {
-            return Err(invalid(
-                "ingest.amqp.queues",
-                "must list at least one queue ([[ingest.amqp.queues]] name = \"…\")".into(),
-            ));
-        }
-        for (i, q) in a.queues.iter().enumerate() {
-            if q.name.trim().is_empty() || q.name.len() > 255 {
-                return Err(invalid(
-                    &format!("ingest.amqp.queues[{i}].name"),
-                    "must be 1 to 255 bytes".into(),
-                ));
-            }
-            if !["direct", "fanout", "topic", "headers"].contains(&q.exchange_type.as_str()) {
-                return Err(invalid(
-                    &format!("ingest.amqp.queues[{i}].exchange_type"),
-                    format!(
-                        "must be direct, fanout, topic or headers, got {:?}",
-                        excerpt(&q.exchange_type)
-                    ),
-                ));
-            }
-        }
+        a.check().map_err(ConfigError::Section)?;
     }
     if let Some(r) = &c.redis {
         check_url("ingest.redis.url", &r.url, &["redis", "rediss"])?;

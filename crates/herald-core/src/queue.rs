@@ -36,6 +36,9 @@ pub enum Outgoing {
     /// A message replayed from history for this connection: never dropped (a resume is
     /// all-or-nothing, see [`ConnQueue::push_replay`]).
     Replay(Arc<Message>),
+    /// A topic's retained value, sent to this connection alone at subscribe (flagged
+    /// `retained` by the encoding); never dropped.
+    Retained(Arc<Message>),
     /// A ready control frame for this connection only (reply, error, welcome, reconnect…).
     Frame(Bytes),
 }
@@ -218,9 +221,19 @@ impl ConnQueue {
         true
     }
 
+    /// Queue a topic's retained value for this connection (at subscribe). Never dropped, like
+    /// a control frame.
+    pub fn push_retained(&self, msg: Arc<Message>) -> Push {
+        self.push_control(Outgoing::Retained(msg))
+    }
+
     /// Queue a control frame. Never dropped; a client that makes the queue reach twice its
     /// capacity with requests it does not read the answers to is closed as a slow consumer.
     pub fn push_frame(&self, frame: Bytes) -> Push {
+        self.push_control(Outgoing::Frame(frame))
+    }
+
+    fn push_control(&self, item: Outgoing) -> Push {
         let mut g = self.inner.lock();
         if g.close.is_some() {
             return Push::Closed;
@@ -232,7 +245,7 @@ impl ConnQueue {
             wake(waker);
             return Push::SlowConsumer { discarded };
         }
-        g.items.push_back(Outgoing::Frame(frame));
+        g.items.push_back(item);
         let waker = g.waker.take();
         drop(g);
         wake(waker);
@@ -260,7 +273,12 @@ impl ConnQueue {
         let discarded = g
             .items
             .iter()
-            .filter(|i| matches!(i, Outgoing::Message(_) | Outgoing::Replay(_)))
+            .filter(|i| {
+                matches!(
+                    i,
+                    Outgoing::Message(_) | Outgoing::Replay(_) | Outgoing::Retained(_)
+                )
+            })
             .count();
         g.dropped += discarded as u64;
         g.items.clear();
@@ -357,7 +375,9 @@ mod tests {
 
     fn data_of(o: &Outgoing) -> String {
         match o {
-            Outgoing::Message(m) | Outgoing::Replay(m) => m.data.get().to_string(),
+            Outgoing::Message(m) | Outgoing::Replay(m) | Outgoing::Retained(m) => {
+                m.data.get().to_string()
+            }
             Outgoing::Frame(b) => String::from_utf8_lossy(b).into_owned(),
         }
     }

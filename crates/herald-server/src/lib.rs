@@ -26,6 +26,7 @@ pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
+pub mod session;
 pub mod state;
 pub mod ws;
 pub mod wsio;

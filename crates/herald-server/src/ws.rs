@@ -23,11 +23,9 @@
 //! What must stay true: the hub never waits on this task, and this task never holds a hub lock
 //! across an await (it calls only the hub's synchronous methods).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -36,13 +34,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use herald_core::acl::Action;
 use herald_core::error::{Error, Origin};
-use herald_core::history::Recovery;
-use herald_core::hub::{ConnHandle, Session, SubscribeOutcome};
-use herald_core::identity::{Authenticated, Authenticator, Identity};
-use herald_core::message::{MessageBuilder, now_secs};
-use herald_core::queue::{CloseRequest, ConnQueue, Outgoing};
+use herald_core::hub::ConnHandle;
+use herald_core::identity::{Authenticated, Authenticator};
+use herald_core::queue::{CloseRequest, Outgoing};
 use herald_core::topic::Topic;
 use herald_proto::close;
 use herald_proto::json::{self, ClientFrame, PONG, Request as ClientRequest, Subscribe};
@@ -54,18 +49,17 @@ use tokio::time::{Sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite;
 
 use crate::api::json_error;
-use crate::publish::{PublishRequest, publish};
+use crate::session::{self, Deliveries, Flow, Refused, Session, bounded, close_label};
 use crate::state::AppState;
 use crate::wsio::{WsError, WsSocket};
 
 type Ws = WsSocket;
+type Ctx = Session;
 
 /// Frames written per batch (one vectored write when the socket takes them all).
 const BATCH: usize = 256;
 /// Batch capacity kept between bursts.
 const KEEP_BATCH: usize = 16;
-/// Durable messages replayed on connect, at most.
-const REPLAY_LIMIT: usize = 1000;
 
 /// `GET /ws`.
 pub async fn handler(
@@ -307,39 +301,6 @@ async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authe
     }
 }
 
-/// Unregisters the connection however the task ends.
-struct Registration {
-    state: Arc<AppState>,
-    conn: Arc<ConnHandle>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.state.hub.unregister(&self.conn);
-    }
-}
-
-/// What handling a client frame asks the loop to do next.
-enum Flow {
-    Continue,
-    Close(u16, String),
-}
-
-/// Per-connection state that only the connection task touches.
-struct Ctx {
-    conn: Arc<ConnHandle>,
-    /// Unregisters the connection from the hub when the context is dropped.
-    _registration: Registration,
-    /// Claims and roles for ACL checks; replaced on refresh.
-    identity: Identity,
-    conn_id: String,
-    /// Token expiry (`None`: never).
-    expiry: Option<Instant>,
-    expiry_changed: bool,
-    errors_window_start: Instant,
-    errors_in_window: u32,
-}
-
 /// The connection task. What it holds while the connection lives is what every idle
 /// connection costs, so the one-off work (authentication, registration, welcome, inbox
 /// replay) runs in a boxed future of its own and only the loop's state remains.
@@ -357,9 +318,9 @@ async fn run_connection(
     tracing::debug!(conn_id = ctx.conn_id, user = %ctx.conn.user, reason, "disconnected");
 }
 
-/// Authenticates (unless the handshake did), registers, checks the user's connection limit,
-/// subscribes the implicit topics, welcomes, and queues the durable inbox replay. `None`: the
-/// connection was closed here.
+/// Authenticates (unless the handshake did), opens the session (registration, the user's
+/// connection limit, implicit subscriptions), welcomes, and queues the durable inbox replay.
+/// `None`: the connection was closed here.
 async fn open_session(
     state: &Arc<AppState>,
     ws: &mut Ws,
@@ -371,61 +332,22 @@ async fn open_session(
         Some(a) => *a,
         None => authenticate_first_frame(state, ws).await?,
     };
-    let user = auth.identity.user_id.clone();
-    let id = state.hub.next_conn_id();
-    let conn = Arc::new(ConnHandle::new(
-        id,
-        user.clone(),
-        ConnQueue::new(limits.send_queue, limits.slow_consumer_timeout),
-        Session {
-            jti: auth.jti.clone(),
-            issued_at: auth.issued_at,
-            expires_at: auth.expires_at,
-        },
-    ));
-    state.hub.register(conn.clone());
-    let registration = Registration {
-        state: state.clone(),
-        conn: conn.clone(),
-    };
-    state.metrics.connections_opened.increment(1);
-
-    // The user connection limit counts every node's connections (cluster-wide presence).
-    let count = match state.presence.user_connections(&user).await {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "presence unavailable; using the local count");
-            state.hub.user_connection_count(&user) as u64
+    let session = match session::open(state, auth, true).await {
+        Ok(s) => s,
+        Err(Refused::TooManyConnections) => {
+            send_close(
+                ws,
+                close::TOO_MANY_CONNECTIONS,
+                "too many connections for this user",
+                limits.write_timeout,
+            )
+            .await;
+            return None;
         }
     };
-    if count > limits.max_connections_per_user as u64 {
-        state.metrics.connection_closed("too_many_connections");
-        send_close(
-            ws,
-            close::TOO_MANY_CONNECTIONS,
-            "too many connections for this user",
-            limits.write_timeout,
-        )
-        .await;
-        return None;
-    }
-
-    // Implicit subscriptions: the user's inbox and broadcast. Valid by construction: the
-    // authenticator only admits user ids that are topic segments.
-    let max_topics = limits.max_subscriptions_per_connection + 2;
-    let implicit = Topic::user(&user).into_iter().chain([Topic::broadcast()]);
-    for topic in implicit {
-        state.hub.subscribe(&conn, &topic, max_topics);
-        // In a cluster: the welcome only goes out once the bus delivers these here.
-        if let Err(e) = state.bus.watching(&topic).await {
-            tracing::warn!(error = %e, %topic, "bus subscription not confirmed; messages from other nodes may be late");
-        }
-    }
-
-    let conn_id = format!("c-{}-{id}", state.node_id);
     let welcome = json::encode_welcome(
-        &conn_id,
-        &user,
+        &session.conn_id,
+        &session.conn.user,
         &state.node_id,
         limits.heartbeat_interval.as_millis() as u64,
     );
@@ -435,47 +357,9 @@ async fn open_session(
     {
         return None;
     }
-    tracing::debug!(%peer, conn_id, user = %user, "connected");
-
-    // Replay the durable inbox: everything not yet acked, oldest first.
-    // At most one queue's worth per connect, so a large backlog can never make the replay
-    // itself close the connection as a slow consumer; the rest follows on the next connect.
-    let replay_limit = REPLAY_LIMIT.min(limits.send_queue);
-    match state.store.undelivered(&user, replay_limit).await {
-        Ok(records) => {
-            for r in records {
-                let Ok(topic) = Topic::parse(&r.topic) else {
-                    continue;
-                };
-                let mut b = MessageBuilder::new(topic, r.event, r.data);
-                b.id = Some(r.id);
-                b.trace_id = r.trace_id;
-                b.durable = true;
-                b.ts = Some(r.created_at);
-                conn.queue.push_message(Arc::new(b.build()));
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, user = %user, "inbox replay failed; it will be retried on the next connect")
-        }
-    }
-
-    Some(Ctx {
-        conn,
-        _registration: registration,
-        identity: auth.identity,
-        conn_id,
-        expiry: auth.expires_at.map(expiry_instant),
-        expiry_changed: false,
-        errors_window_start: Instant::now(),
-        errors_in_window: 0,
-    })
-}
-
-/// Unix seconds → the `Instant` it falls at.
-fn expiry_instant(exp: u64) -> Instant {
-    let now = now_secs();
-    Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+    tracing::debug!(%peer, conn_id = session.conn_id, user = %session.conn.user, "connected");
+    session.replay_inbox(state, None).await;
+    Some(session)
 }
 
 /// The main loop; returns why the connection ended (a metric label).
@@ -491,7 +375,7 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
     let mut timer: Pin<Box<Sleep>> = Box::pin(sleep_until(due(next_ping, ctx.expiry).into()));
     let conn = ctx.conn.clone();
     let mut batch: Vec<Outgoing> = Vec::new();
-    let mut recent_durable = RecentDurable::new();
+    let mut recent_durable = Deliveries::default();
     loop {
         tokio::select! {
             frame = ws.next() => {
@@ -575,105 +459,29 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut Ws, ctx: &mut Ctx) -> &
     }
 }
 
-/// `fut` bounded by `limit`, without a timer when it completes on its first poll: a socket
-/// write almost always does, and arming and cancelling a timer per delivery showed in the
-/// fanout profile. Only a write that has to wait for the socket gets the deadline (boxed, so
-/// it takes no room in the connection's future until then). A struct rather than an `async
-/// fn`, so the wrapped future is stored once, not copied into a second slot.
-fn bounded<F: Future>(limit: Duration, fut: F) -> Bounded<F> {
-    Bounded {
-        fut,
-        limit,
-        deadline: None,
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct Bounded<F> {
-        #[pin]
-        fut: F,
-        limit: Duration,
-        deadline: Option<Pin<Box<Sleep>>>,
-    }
-}
-
-impl<F: Future> Future for Bounded<F> {
-    /// `Err(())`: the limit passed first.
-    type Output = Result<F::Output, ()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(out) = this.fut.poll(cx) {
-            return Poll::Ready(Ok(out));
-        }
-        let limit = *this.limit;
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        deadline.as_mut().poll(cx).map(|()| Err(()))
-    }
-}
-
-fn close_label(code: u16) -> &'static str {
-    match code {
-        close::SLOW_CONSUMER => "slow_consumer",
-        close::DISCONNECTED => "disconnected",
-        close::SERVICE_RESTART => "server_restart",
-        close::TOKEN_EXPIRED => "token_expired",
-        _ => "server",
-    }
-}
-
 /// Feed a drained batch to the socket and flush once.
-/// Durable ids this connection wrote recently, with when: the replay at connect and a live
-/// delivery of the same new message can race (both are queued), and a retransmission must
-/// still go out, so a durable id is written again only after half a retry interval.
-type RecentDurable = HashMap<Box<str>, Instant>;
-
 async fn write_batch(
     state: &AppState,
     ws: &mut Ws,
     conn: &ConnHandle,
     batch: &mut Vec<Outgoing>,
-    recent: &mut RecentDurable,
+    deliveries: &mut Deliveries,
 ) -> std::io::Result<()> {
-    let store = &state.config.store;
-    let now = Instant::now();
-    if recent.len() > 1024 {
-        let keep = store.retry_after * (store.max_retries + 1);
-        recent.retain(|_, at| now.duration_since(*at) < keep);
-    }
-    let mut messages = 0u64;
-    let mut oldest: Option<Instant> = None;
-    let mut durable_ids: Vec<String> = Vec::new();
+    let mut written = deliveries.start(state);
     let mut frames: Vec<Bytes> = Vec::with_capacity(batch.len());
     for item in batch.drain(..) {
         let frame = match item {
             Outgoing::Message(m) => {
-                if m.durable {
-                    if recent
-                        .get(&m.id)
-                        .is_some_and(|at| now.duration_since(*at) < store.retry_after / 2)
-                    {
-                        continue;
-                    }
-                    recent.insert(m.id.clone(), now);
-                }
-                messages += 1;
-                if m.durable {
-                    durable_ids.push(m.id.to_string());
-                    state.inbox.written(&conn.user, &m);
-                } else {
-                    // Publish-to-write latency is measured on live messages only: replays and
-                    // retransmissions are old by design.
-                    oldest = Some(oldest.map_or(m.received_at, |o| o.min(m.received_at)));
+                if !deliveries.admit(state, conn, &m, &mut written) {
+                    continue;
                 }
                 m.ws_frame().clone()
             }
             Outgoing::Replay(m) => {
-                messages += 1;
+                Deliveries::replayed(&mut written);
                 m.ws_frame().clone()
             }
+            Outgoing::Retained(m) => frame::encode(OpCode::Text, &m.json_frame_retained()),
             Outgoing::Frame(f) => frame::encode(OpCode::Text, &f),
         };
         frames.push(frame);
@@ -683,27 +491,7 @@ async fn write_batch(
         // An idle connection keeps no burst-sized buffer.
         *batch = Vec::new();
     }
-    if messages > 0 {
-        state.metrics.sent.increment(messages);
-        if let Some(t) = oldest {
-            state
-                .metrics
-                .publish_to_write
-                .record(t.elapsed().as_secs_f64());
-        }
-    }
-    if !durable_ids.is_empty() {
-        // Not awaited here: the connection goes on writing while the store groups this with
-        // other status changes into its next commit. Order with a later `ack` does not matter
-        // (`sent` only applies to rows still `pending`).
-        let store = state.store.clone();
-        let user = conn.user.clone();
-        state.tasks.spawn(async move {
-            if let Err(e) = store.mark_sent(&user, &durable_ids).await {
-                tracing::warn!(error = %e, "could not mark durable messages sent");
-            }
-        });
-    }
+    Deliveries::written(state, conn, written);
     Ok(())
 }
 
@@ -719,27 +507,7 @@ fn reject(state: &AppState, ctx: &mut Ctx, id: Option<&Value>, err: Error) -> Fl
         None => json::encode_error(err.code(), &err.to_string()),
     };
     ctx.conn.queue.push_frame(frame);
-    count_abuse(state, ctx, &err)
-}
-
-/// Bad input counts towards the abuse limit; refusals (403, 429…) do not.
-fn count_abuse(state: &AppState, ctx: &mut Ctx, err: &Error) -> Flow {
-    if !matches!(
-        err,
-        Error::BadRequest(_) | Error::Topic(_) | Error::TooLarge(_)
-    ) {
-        return Flow::Continue;
-    }
-    let now = Instant::now();
-    if now.duration_since(ctx.errors_window_start) >= Duration::from_secs(60) {
-        ctx.errors_window_start = now;
-        ctx.errors_in_window = 0;
-    }
-    ctx.errors_in_window += 1;
-    if ctx.errors_in_window > state.config.limits.max_errors_per_minute {
-        return Flow::Close(close::POLICY, "too many bad frames".into());
-    }
-    Flow::Continue
+    ctx.count_abuse(state, &err)
 }
 
 fn reply_ok(ctx: &Ctx, id: Option<&Value>, extra: Option<&Map<String, Value>>) {
@@ -764,29 +532,13 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
                 None => json::encode_error(400, &e.message),
             };
             ctx.conn.queue.push_frame(frame);
-            return count_abuse(state, ctx, &Error::BadRequest(e.message));
+            return ctx.count_abuse(state, &Error::BadRequest(e.message));
         }
     };
     let id = req.id.as_ref();
     let result = match req.frame {
         ClientFrame::Subscribe(s) => return subscribe(state, ctx, id, s).await,
-        ClientFrame::Unsubscribe { topics } => {
-            // The inbox is what durable delivery relies on: it cannot be left.
-            let inbox = Topic::user(&ctx.conn.user).ok();
-            if let Some(t) = topics
-                .iter()
-                .find(|t| inbox.as_ref().is_some_and(|i| i.as_str() == t.as_str()))
-            {
-                Err(Error::BadRequest(format!(
-                    "cannot unsubscribe from the user inbox {t}"
-                )))
-            } else {
-                for t in &topics {
-                    state.hub.unsubscribe(&ctx.conn, t);
-                }
-                Ok(None)
-            }
-        }
+        ClientFrame::Unsubscribe { topics } => ctx.unsubscribe(state, &topics).map(|()| None),
         ClientFrame::JoinRoom { room } => match Topic::room(&room) {
             Ok(t) => {
                 return subscribe_topics(state, ctx, id, vec![t.as_str().to_owned()], None, true)
@@ -801,22 +553,31 @@ async fn handle_text(state: &Arc<AppState>, ctx: &mut Ctx, text: &str) -> Flow {
             }
             Err(e) => Err(Error::Topic(e)),
         },
-        ClientFrame::Publish { topic, event, data } => {
-            client_publish(state, ctx, topic, event, data).await
-        }
-        ClientFrame::Ack { ids } => {
-            state.inbox.acked(&ctx.conn.user, &ids);
-            match state.store.ack(&ctx.conn.user, &ids).await {
-                Ok(n) => Ok(Some(obj(json!({ "acked": n })))),
-                Err(e) => Err(Error::Store(e)),
-            }
-        }
-        ClientFrame::Auth { token } => refresh(state, ctx, &token),
+        ClientFrame::Publish { topic, event, data } => ctx
+            .publish(state, topic, event, data)
+            .await
+            .map(|(id, seq)| {
+                let mut extra = Map::new();
+                extra.insert("message_id".into(), Value::String(id));
+                if let Some(seq) = seq {
+                    extra.insert("seq".into(), json!(seq));
+                }
+                Some(extra)
+            }),
+        ClientFrame::Ack { ids } => ctx
+            .ack(state, &ids)
+            .await
+            .map(|n| Some(obj(json!({ "acked": n })))),
+        ClientFrame::Auth { token } => ctx
+            .refresh(state, &token)
+            .map(|exp| exp.map(|e| obj(json!({ "expires_at": e })))),
         ClientFrame::Command {
             command,
             trace_id,
             data,
-        } => forward_command(state, ctx, &command, trace_id, &data),
+        } => ctx
+            .command(state, &command, trace_id, &data)
+            .map(|trace_id| Some(obj(json!({ "trace_id": trace_id })))),
         ClientFrame::Ping => {
             ctx.conn
                 .queue
@@ -855,18 +616,12 @@ async fn subscribe_topics(
     since: Option<u64>,
     snapshot: bool,
 ) -> Flow {
-    if !state.limiters.subscribe(&ctx.conn.user) {
-        return reject(
-            state,
-            ctx,
-            id,
-            Error::RateLimited("too many subscribe requests"),
-        );
+    if let Err(e) = ctx.may_subscribe(state) {
+        return reject(state, ctx, id, e);
     }
-    let limit = state.config.limits.max_subscriptions_per_connection + 2;
     let mut results = Vec::with_capacity(topics.len());
     for raw in &topics {
-        results.push(subscribe_one(state, ctx, raw, limit, since, snapshot).await);
+        results.push(subscribe_one(state, ctx, raw, since, snapshot).await);
     }
     if topics.len() == 1 {
         return match results.pop() {
@@ -890,7 +645,7 @@ async fn subscribe_topics(
             }
             Err(e) => {
                 state.metrics.error(e.kind());
-                if let Flow::Close(c, m) = count_abuse(state, ctx, &e) {
+                if let Flow::Close(c, m) = ctx.count_abuse(state, &e) {
                     flow = Flow::Close(c, m);
                 }
                 first.get_or_insert_with(|| (e.code(), e.to_string()));
@@ -917,152 +672,22 @@ async fn subscribe_topics(
     flow
 }
 
-/// One topic of a subscribe. Under the topic's ordering lock (when it has history or a
-/// retained value, or `since` is given): subscribe in the hub, then queue the missed history
-/// (or the retained value), so that live messages can only follow them.
+/// One topic of a subscribe, as JSON v1 reply fields.
 async fn subscribe_one(
     state: &AppState,
     ctx: &Ctx,
     raw: &str,
-    limit: usize,
     since: Option<u64>,
     snapshot: bool,
 ) -> Result<Map<String, Value>, Error> {
-    let topic = Topic::parse(raw)?;
-    if !state.acl.allows(Action::Subscribe, &topic, &ctx.identity) {
-        return Err(Error::Forbidden(topic.as_str().to_owned()));
-    }
-    let options = state.acl.options(&topic);
-    let ordered = since.is_some() || options.history.is_some() || options.retain;
-    let _guard = if ordered {
-        Some(state.order.lock(topic.as_str()).await)
-    } else {
-        None
-    };
-    if state.hub.subscribe(&ctx.conn, &topic, limit) == SubscribeOutcome::LimitReached {
-        return Err(Error::TooManySubscriptions(limit - 2));
-    }
-    // In a cluster, "subscribed" means messages published on any node reach this one; and
-    // the history is read only once that holds, so nothing falls between the two.
-    if let Err(e) = state.bus.watching(&topic).await {
-        state.hub.unsubscribe(&ctx.conn, topic.as_str());
-        return Err(e.into());
-    }
+    let s = ctx.subscribe(state, raw, since, snapshot).await?;
     let mut extra = Map::new();
-    extra.insert("topic".into(), Value::String(topic.as_str().to_owned()));
-    match since {
-        Some(since) => {
-            let (latest, recovered) = match state.history.since(&topic, since).await? {
-                // All of the missed messages are queued, or none and the client is told.
-                Recovery::Complete { messages, latest } => (
-                    latest,
-                    messages.is_empty() || ctx.conn.queue.push_replay(&messages),
-                ),
-                Recovery::Gap { latest } => (latest, false),
-            };
-            // Without history on this topic nothing was kept: only `since` = current is whole.
-            let recovered = recovered && (options.history.is_some() || since == latest);
-            extra.insert("seq".into(), json!(latest));
-            extra.insert("recovered".into(), Value::Bool(recovered));
-        }
-        None => {
-            if options.history.is_some() {
-                let latest = state.history.latest(&topic).await?;
-                extra.insert("seq".into(), json!(latest));
-            }
-            if options.retain
-                && snapshot
-                && let Some(m) = state.history.retained(&topic).await?
-            {
-                ctx.conn.queue.push_frame(m.json_frame_retained());
-            }
-        }
-    }
-    Ok(extra)
-}
-
-async fn client_publish(
-    state: &Arc<AppState>,
-    ctx: &Ctx,
-    topic: String,
-    event: String,
-    data: Box<serde_json::value::RawValue>,
-) -> Result<Option<Map<String, Value>>, Error> {
-    if !state.limiters.client_publish(&ctx.conn.user) {
-        return Err(Error::RateLimited("too many client publishes"));
-    }
-    let parsed = Topic::parse(&topic)?;
-    if !state.acl.allows(Action::Publish, &parsed, &ctx.identity) {
-        return Err(Error::Forbidden(parsed.as_str().to_owned()));
-    }
-    let req = PublishRequest {
-        topic,
-        event: Some(event),
-        data: Some(data),
-        durable: Some(false),
-        ..PublishRequest::default()
-    };
-    let p = publish(state, req, Some(&ctx.conn.user)).await?;
-    let mut extra = Map::new();
-    extra.insert("message_id".into(), Value::String(p.id));
-    if let Some(seq) = p.seq {
+    extra.insert("topic".into(), Value::String(s.topic.as_str().to_owned()));
+    if let Some(seq) = s.seq {
         extra.insert("seq".into(), json!(seq));
     }
-    Ok(Some(extra))
-}
-
-/// `command`: forwarded to its service in a task of its own (see `commands`); the request is
-/// answered with the `trace_id` (generated when the client gave none). Commands count against
-/// `limits.client_publishes_per_minute`.
-fn forward_command(
-    state: &Arc<AppState>,
-    ctx: &Ctx,
-    command: &str,
-    trace_id: Option<String>,
-    data: &serde_json::value::RawValue,
-) -> Result<Option<Map<String, Value>>, Error> {
-    crate::publish::check_token("command", command)?;
-    let trace_id = match trace_id {
-        Some(t) => {
-            crate::publish::check_token("trace_id", &t)?;
-            t
-        }
-        None => herald_core::message::new_id(),
-    };
-    if !state.limiters.client_publish(&ctx.conn.user) {
-        return Err(Error::RateLimited("too many client publishes and commands"));
+    if let Some(r) = s.recovered {
+        extra.insert("recovered".into(), Value::Bool(r));
     }
-    let forward = state.commands.prepare(
-        command,
-        trace_id.clone(),
-        data,
-        &ctx.identity,
-        &ctx.conn_id,
-        &state.node_id,
-        &ctx.conn,
-    )?;
-    tracing::debug!(%trace_id, command, user = %ctx.conn.user, "command forwarded");
-    state.tasks.spawn(forward.run());
-    Ok(Some(obj(json!({ "trace_id": trace_id }))))
-}
-
-/// `auth` after connecting: a refresh for the same user extends the session.
-fn refresh(
-    state: &AppState,
-    ctx: &mut Ctx,
-    token: &str,
-) -> Result<Option<Map<String, Value>>, Error> {
-    let a = state.auth.authenticate(token)?;
-    if a.identity.user_id != ctx.conn.user {
-        return Err(Error::Conflict("token is for another user".into()));
-    }
-    *ctx.conn.session.lock() = Session {
-        jti: a.jti.clone(),
-        issued_at: a.issued_at,
-        expires_at: a.expires_at,
-    };
-    ctx.identity = a.identity;
-    ctx.expiry = a.expires_at.map(expiry_instant);
-    ctx.expiry_changed = true;
-    Ok(a.expires_at.map(|e| obj(json!({ "expires_at": e }))))
+    Ok(extra)
 }

@@ -35,6 +35,8 @@ pub struct Message {
     /// When this node received it (for the publish-to-write latency histogram).
     pub received_at: Instant,
     encoded: OnceLock<Framed>,
+    /// The shared part of its STOMP `MESSAGE` frame, encoded by the first STOMP subscriber.
+    stomp: OnceLock<Bytes>,
 }
 
 /// Fields of a new message; [`MessageBuilder::build`] fills the rest.
@@ -79,6 +81,7 @@ impl MessageBuilder {
             durable: self.durable,
             received_at: Instant::now(),
             encoded: OnceLock::new(),
+            stomp: OnceLock::new(),
         }
     }
 }
@@ -103,6 +106,45 @@ impl Message {
     /// The JSON v1 frame flagged `retained:true` (sent once per new subscriber; not cached).
     pub fn json_frame_retained(&self) -> Bytes {
         encode_message(&self.frame(true))
+    }
+
+    /// What every STOMP subscriber's `MESSAGE` frame shares (see
+    /// [`herald_proto::stomp::message_tail`]): headers `message-id`, `content-type`, `event`,
+    /// `ts`, and `seq`, `trace-id`, `from`, `durable` when set; the body is `data`. Encoded on
+    /// first use and shared afterwards.
+    pub fn stomp_tail(&self) -> &Bytes {
+        self.stomp.get_or_init(|| self.encode_stomp_tail(false))
+    }
+
+    /// The same, flagged `retained:true` (sent once per new subscriber; not cached).
+    pub fn stomp_tail_retained(&self) -> Bytes {
+        self.encode_stomp_tail(true)
+    }
+
+    fn encode_stomp_tail(&self, retained: bool) -> Bytes {
+        let ts = self.ts.to_string();
+        let seq = self.seq.map(|s| s.to_string());
+        let mut h: Vec<(&str, &str)> = Vec::with_capacity(9);
+        h.push(("message-id", &self.id));
+        h.push(("content-type", "application/json"));
+        h.push(("event", &self.event));
+        h.push(("ts", &ts));
+        if let Some(seq) = &seq {
+            h.push(("seq", seq));
+        }
+        if let Some(t) = &self.trace_id {
+            h.push(("trace-id", t));
+        }
+        if let Some(f) = &self.from {
+            h.push(("from", f));
+        }
+        if self.durable {
+            h.push(("durable", "true"));
+        }
+        if retained {
+            h.push(("retained", "true"));
+        }
+        herald_proto::stomp::message_tail(&h, self.data.get().as_bytes())
     }
 
     fn frame(&self, retained: bool) -> MessageFrame<'_> {
@@ -171,6 +213,7 @@ impl Message {
             durable: f.ack,
             received_at: Instant::now(),
             encoded,
+            stomp: OnceLock::new(),
         })
     }
 }

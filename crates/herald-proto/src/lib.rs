@@ -13,4 +13,5 @@
 
 pub mod close;
 pub mod json;
+pub mod stomp;
 pub mod ws;

@@ -208,6 +208,19 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     Bytes::from(v)
 }
 
+/// The start of a server frame whose payload is `first` followed by `payload_len -
+/// first.len()` more bytes written separately: the header and `first` in one buffer. Lets a
+/// payload made of a per-connection part and a shared part be written without copying the
+/// shared part (a STOMP `MESSAGE`: its `subscription` header, then the encoded-once rest).
+pub fn encode_head(opcode: OpCode, payload_len: usize, first: &[u8]) -> Bytes {
+    let mut h = [0u8; MAX_HEADER];
+    let n = header_into(opcode, payload_len, &mut h);
+    let mut v = Vec::with_capacity(n + first.len());
+    v.extend_from_slice(&h[MAX_HEADER - n..]);
+    v.extend_from_slice(first);
+    Bytes::from(v)
+}
+
 /// A close frame with `code` and `reason` (cut to fit the 125-byte control payload at a
 /// character boundary).
 pub fn encode_close(code: u16, reason: &str) -> Bytes {
@@ -347,6 +360,16 @@ fn data_message(kind: OpCode, bytes: Vec<u8>) -> Result<Message, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_and_the_rest_make_the_whole_frame() {
+        for total in [5usize, 125, 126, 300, 65535, 70000] {
+            let payload: Vec<u8> = (0..total).map(|i| i as u8).collect();
+            let mut split = encode_head(OpCode::Text, total, &payload[..3]).to_vec();
+            split.extend_from_slice(&payload[3..]);
+            assert_eq!(split, encode(OpCode::Text, &payload).to_vec(), "{total}");
+        }
+    }
 
     /// A client frame: masked with `mask`.
     fn client(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {

@@ -36,6 +36,7 @@ const MAX_BATCH: usize = 1000;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(crate::ws::handler))
+        .route("/stomp", get(crate::stomp::handler))
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/publish/batch", post(publish_batch))
         .route("/api/v1/broadcast", post(broadcast))

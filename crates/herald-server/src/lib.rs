@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod publish;
 pub mod session;
 pub mod state;
+pub mod stomp;
 pub mod ws;
 pub mod wsio;
 

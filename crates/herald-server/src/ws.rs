@@ -65,40 +65,18 @@ const KEEP_BATCH: usize = 16;
 pub async fn handler(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
+    req: Request,
 ) -> Response {
-    if state.is_draining() {
-        return json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node draining, reconnect elsewhere",
-        );
-    }
-    if !state.limiters.connection(peer.ip()) {
-        state.metrics.error("rate_limited");
-        return json_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address",
-        );
-    }
-    let headers = req.headers();
-    let origins = &state.config.server.allowed_origins;
-    if !origins.is_empty() {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if let Some(o) = origin
-            && !origins.iter().any(|a| a == o)
-        {
-            return json_error(StatusCode::FORBIDDEN, "origin not allowed");
-        }
-    }
-    let key = match check_upgrade_headers(headers) {
+    let key = match admit(&state, peer, req.headers()) {
         Ok(k) => k,
+        Err(res) => return res,
+    };
+    let protocol = match negotiate_subprotocol(req.headers()) {
+        Ok(Chosen::Json(p)) => p,
+        Ok(Chosen::Stomp(p)) => return crate::stomp::accept(state, peer, req, key, Some(p)),
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, msg),
     };
-    let protocol = match negotiate_subprotocol(headers) {
-        Ok(p) => p,
-        Err(msg) => return json_error(StatusCode::BAD_REQUEST, msg),
-    };
-    let credential = credential_from(headers, req.uri().query());
+    let credential = credential_from(req.headers(), req.uri().query());
     let pre_auth = match credential {
         Some(c) => match state.auth.authenticate(&c) {
             Ok(a) => Some(Box::new(a)),
@@ -110,9 +88,66 @@ pub async fn handler(
         },
         None => None,
     };
-
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let task_state = state.clone();
+    upgrade(&state, peer, req, &key, protocol, move |ws| {
+        run_connection(task_state, ws, pre_auth, peer)
+    })
+}
+
+/// The checks of every WebSocket handshake, before anything is allocated for the connection:
+/// draining node (503), per-IP rate (429), origin (403), WebSocket headers (400). Returns the
+/// `Sec-WebSocket-Key`.
+pub(crate) fn admit(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<String, Response> {
+    if state.is_draining() {
+        return Err(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node draining, reconnect elsewhere",
+        ));
+    }
+    if !state.limiters.connection(peer.ip()) {
+        state.metrics.error("rate_limited");
+        return Err(json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address",
+        ));
+    }
+    check_origin(state, headers)?;
+    check_upgrade_headers(headers).map_err(|msg| json_error(StatusCode::BAD_REQUEST, msg))
+}
+
+/// `server.allowed_origins` (when set) against the request's `Origin` (403).
+pub(crate) fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let origins = &state.config.server.allowed_origins;
+    if !origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if let Some(o) = origin
+            && !origins.iter().any(|a| a == o)
+        {
+            return Err(json_error(StatusCode::FORBIDDEN, "origin not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// Answers 101 and runs `task` on the upgraded socket, in a task tracked for the drain.
+pub(crate) fn upgrade<F, Fut>(
+    state: &AppState,
+    peer: SocketAddr,
+    mut req: Request,
+    key: &str,
+    protocol: Option<&'static str>,
+    task: F,
+) -> Response
+where
+    F: FnOnce(WsSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let max = state.config.limits.max_message_size;
     state.tasks.spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -129,9 +164,7 @@ pub async fn handler(
                 return;
             }
         };
-        let max = task_state.config.limits.max_message_size;
-        let ws = WsSocket::new(parts.io.into_inner(), parts.read_buf, max);
-        run_connection(task_state, ws, pre_auth, peer).await;
+        task(WsSocket::new(parts.io.into_inner(), parts.read_buf, max)).await;
     });
 
     let mut res = Response::new(Body::empty());
@@ -171,28 +204,36 @@ fn check_upgrade_headers(h: &HeaderMap) -> Result<String, &'static str> {
         .ok_or("missing Sec-WebSocket-Key")
 }
 
-/// `herald.json.v1` when asked for (or nothing asked); any other list is refused.
-fn negotiate_subprotocol(h: &HeaderMap) -> Result<Option<&'static str>, &'static str> {
-    let mut asked = h
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .peekable();
-    if asked.peek().is_none() {
-        return Ok(None);
+/// What a `/ws` handshake chose.
+enum Chosen {
+    /// JSON v1 (`herald.json.v1` asked for, or no subprotocol at all).
+    Json(Option<&'static str>),
+    /// STOMP (`v12.stomp`, `v11.stomp` or `v10.stomp`, and not `herald.json.v1`).
+    Stomp(&'static str),
+}
+
+/// `herald.json.v1` when asked for (or nothing asked), else a STOMP subprotocol; any other
+/// list is refused.
+fn negotiate_subprotocol(h: &HeaderMap) -> Result<Chosen, &'static str> {
+    let Some(asked) = crate::stomp::asked_subprotocols(h) else {
+        return Ok(Chosen::Json(None));
+    };
+    if asked.contains(&json::SUBPROTOCOL) {
+        return Ok(Chosen::Json(Some(json::SUBPROTOCOL)));
     }
-    if asked.any(|p| p == json::SUBPROTOCOL) {
-        Ok(Some(json::SUBPROTOCOL))
-    } else {
-        Err("unsupported subprotocol (supported: herald.json.v1)")
+    match crate::stomp::SUBPROTOCOLS
+        .iter()
+        .find(|p| asked.contains(p))
+    {
+        Some(p) => Ok(Chosen::Stomp(p)),
+        None => Err(
+            "unsupported subprotocol (supported: herald.json.v1, v12.stomp, v11.stomp, v10.stomp)",
+        ),
     }
 }
 
 /// The credential of a handshake: `Authorization: Bearer`, then `?token=`, then `?api_key=`.
-fn credential_from(h: &HeaderMap, query: Option<&str>) -> Option<String> {
+pub(crate) fn credential_from(h: &HeaderMap, query: Option<&str>) -> Option<String> {
     if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
         && let Some(t) = crate::auth::bearer_token(v)
     {
@@ -215,14 +256,14 @@ fn credential_from(h: &HeaderMap, query: Option<&str>) -> Option<String> {
 }
 
 /// Send a close frame, bounded by the write timeout; errors are irrelevant now.
-async fn send_close(ws: &mut Ws, code: u16, reason: &str, limit: Duration) {
+pub(crate) async fn send_close(ws: &mut Ws, code: u16, reason: &str, limit: Duration) {
     // Boxed: once per connection, and kept out of every connection's own future.
     let _ = Box::pin(timeout(limit, ws.close(code, reason))).await;
 }
 
 /// Answers a client that broke the framing rules: 1009 for a frame or message over
 /// `max_message_size`, 1002 or 1007 for the rest. Returns the metric label.
-async fn close_for_frame_error(
+pub(crate) async fn close_for_frame_error(
     state: &AppState,
     ws: &mut Ws,
     e: &FrameError,

@@ -12,6 +12,8 @@
 //!   [`eventually`] to poll for a condition with a deadline (never sleep to synchronise).
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::future::Future;

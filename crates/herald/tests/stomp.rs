@@ -579,3 +579,84 @@ async fn malformed_frames_get_an_error_and_never_crash_or_hang_the_server() {
     })
     .await;
 }
+
+/// An HTTP command service answering every request `{"code":0,"data":{"envelope":…}}`.
+async fn echo_service() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..pos]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() < pos + 4 + len {
+                        continue;
+                    }
+                    let env: Value =
+                        serde_json::from_slice(&buf[pos + 4..pos + 4 + len]).unwrap_or_default();
+                    let out = json!({"code": 0, "data": {"envelope": env}}).to_string();
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{out}",
+                        out.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    return;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn app_commands_reply_on_the_replies_queue() {
+    let port = echo_service().await;
+    let server = Server::start(&format!(
+        "[upstream.commands.ECHO]\ntarget = \"http://127.0.0.1:{port}/echo\"\n"
+    ))
+    .await;
+    let (mut c, connected) = stompjs(&server, "hank", &[]).await;
+    with_receipt(
+        &mut c,
+        json!({"op":"subscribe","id":"rep","destination":"/user/queue/replies"}),
+        "r",
+    )
+    .await;
+    with_receipt(
+        &mut c,
+        json!({"op":"send","destination":"/app/ECHO","body":"{\"call\":42}",
+               "headers":{"content-type":"application/json","trace-id":"t-stomp-1"}}),
+        "s",
+    )
+    .await;
+    let m = next_message(&mut c).await;
+    let h = &m["headers"];
+    assert_eq!(h["subscription"], "rep");
+    assert_eq!(h["destination"], "/user/queue/replies");
+    assert_eq!(h["command"], "ECHO");
+    assert_eq!(h["trace-id"], "t-stomp-1");
+    assert_eq!(h["code"], "0");
+    let body: Value = serde_json::from_str(m["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["type"], "command_reply");
+    let env = &body["data"]["envelope"];
+    assert_eq!(env["command"], "ECHO");
+    assert_eq!(env["user"]["id"], "hank");
+    assert_eq!(env["data"], json!({"call": 42}));
+    assert_eq!(env["conn_id"], connected["headers"]["session"]);
+}

@@ -97,6 +97,7 @@ pub async fn handler(
 /// The checks of every WebSocket handshake, before anything is allocated for the connection:
 /// draining node (503), per-IP rate (429), origin (403), WebSocket headers (400). Returns the
 /// `Sec-WebSocket-Key`.
+#[allow(clippy::result_large_err)] // the refusal is the handler's answer, built once
 pub(crate) fn admit(
     state: &AppState,
     peer: SocketAddr,
@@ -120,6 +121,7 @@ pub(crate) fn admit(
 }
 
 /// `server.allowed_origins` (when set) against the request's `Origin` (403).
+#[allow(clippy::result_large_err)] // the refusal is the handler's answer, built once
 pub(crate) fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let origins = &state.config.server.allowed_origins;
     if !origins.is_empty() {

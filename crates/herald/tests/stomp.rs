@@ -33,8 +33,7 @@ async fn with_receipt(c: &mut NodeClient, mut cmd: Value, receipt: &str) {
 }
 
 async fn next_message(c: &mut NodeClient) -> Value {
-    let m = c.until("message", T).await;
-    m
+    c.until("message", T).await
 }
 
 #[tokio::test]

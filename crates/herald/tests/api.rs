@@ -689,6 +689,7 @@ async fn the_openapi_document_describes_every_route() {
     // Every route of the router (api.rs), with its methods.
     let routes = [
         ("/ws", &["get"][..]),
+        ("/stomp", &["get"]),
         ("/api/v1/publish", &["post"]),
         ("/api/v1/publish/batch", &["post"]),
         ("/api/v1/broadcast", &["post"]),

@@ -36,6 +36,14 @@ const MAX_BATCH: usize = 1000;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(crate::ws::handler))
+        .route(
+            "/api/v1/telemetry/datas/current/ws",
+            get(crate::telemetry::current_handler),
+        )
+        .route(
+            "/api/v1/telemetry/datas/current/keys/ws",
+            get(crate::telemetry::keys_handler),
+        )
         .route("/stomp", get(crate::stomp::handler))
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/publish/batch", post(publish_batch))

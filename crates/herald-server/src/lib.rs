@@ -29,6 +29,7 @@ pub mod publish;
 pub mod session;
 pub mod state;
 pub mod stomp;
+pub mod telemetry;
 pub mod ws;
 pub mod wsio;
 

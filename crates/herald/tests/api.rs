@@ -690,6 +690,8 @@ async fn the_openapi_document_describes_every_route() {
     let routes = [
         ("/ws", &["get"][..]),
         ("/stomp", &["get"]),
+        ("/api/v1/telemetry/datas/current/ws", &["get"]),
+        ("/api/v1/telemetry/datas/current/keys/ws", &["get"]),
         ("/api/v1/publish", &["post"]),
         ("/api/v1/publish/batch", &["post"]),
         ("/api/v1/broadcast", &["post"]),

@@ -36,6 +36,9 @@ const MAX_BATCH: usize = 1000;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(crate::ws::handler))
+        .route("/sse", get(crate::sse::handler))
+        .route("/api/v1/poll", get(crate::poll::handler))
+        .route("/api/v1/ack", post(crate::poll::ack))
         .route(
             "/api/v1/telemetry/datas/current/ws",
             get(crate::telemetry::current_handler),

@@ -4,7 +4,14 @@
 //! # Layout
 //! - [`config`]: the TOML configuration, environment overrides and validation.
 //! - [`auth`]: JWT and API-key authentication, revocations.
-//! - [`ws`]: the `/ws` endpoint and the per-connection task (JSON v1).
+//! - [`ws`]: the `/ws` endpoint and the per-connection task (JSON v1); the WebSocket
+//!   handshake checks and upgrade shared with [`stomp`] and [`telemetry`].
+//! - [`session`]: what every client transport shares (registration, limits, subscribe,
+//!   publish, commands, acks, delivery bookkeeping).
+//! - [`stomp`]: STOMP 1.2 over WebSocket (`/stomp`, or `/ws` with `v12.stomp`).
+//! - [`sse`], [`poll`]: Server-Sent Events (`/sse`), long polling (`/api/v1/poll`) and
+//!   `POST /api/v1/ack`.
+//! - [`telemetry`]: seed 001's telemetry compatibility endpoints.
 //! - [`api`]: the HTTP server API, health, metrics and the demo page.
 //! - [`publish`]: the one publish path (store, history, retained, ordering, bus).
 //! - [`state`]: the shared node state and the router applying bus deliveries to the hub.
@@ -25,8 +32,10 @@ pub mod inbox;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;
+pub mod poll;
 pub mod publish;
 pub mod session;
+pub mod sse;
 pub mod state;
 pub mod stomp;
 pub mod telemetry;

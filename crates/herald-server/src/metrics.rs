@@ -59,7 +59,6 @@ const ERROR_KINDS: &[&str] = &[
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
-    pub connections_opened: Counter,
     pub received_api: Counter,
     pub received_client: Counter,
     pub sent: Counter,
@@ -84,9 +83,11 @@ impl Metrics {
         for kind in ERROR_KINDS {
             counter!("herald_errors_total", "kind" => *kind).increment(0);
         }
+        for t in crate::session::Transport::ALL {
+            counter!("herald_connections_opened_total", "transport" => t.label()).increment(0);
+        }
         Self {
             handle,
-            connections_opened: counter!("herald_connections_opened_total"),
             received_api: counter!("herald_messages_received_total", "source" => "api"),
             received_client: counter!("herald_messages_received_total", "source" => "client"),
             sent: counter!("herald_messages_sent_total"),
@@ -110,6 +111,12 @@ impl Metrics {
             self.slow_consumers.increment(d.slow_closed as u64);
             self.dropped_slow_consumer.increment(d.discarded as u64);
         }
+    }
+
+    /// A session opened (authenticated, registered), by transport (`json`, `stomp`, `sse`,
+    /// `poll`, `telemetry`).
+    pub fn connection_opened(&self, transport: &'static str) {
+        counter!("herald_connections_opened_total", "transport" => transport).increment(1);
     }
 
     /// A connection closed, by reason (`client`, `slow_consumer`, `token_expired`, …).

@@ -153,7 +153,7 @@ pub async fn handler(
         Ok(p) => p,
         Err(msg) => return bad_request(&state, &msg),
     };
-    let session = match session::open(&state, auth, true).await {
+    let session = match session::open(&state, auth, session::Transport::Poll).await {
         Ok(s) => s,
         Err(Refused::TooManyConnections) => return too_many_connections(),
     };

@@ -76,13 +76,52 @@ pub enum Refused {
     TooManyConnections,
 }
 
+/// The client transports, for the metrics and their session's implicit subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// JSON v1 on `/ws`.
+    Json,
+    Stomp,
+    Sse,
+    Poll,
+    Telemetry,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 5] = [
+        Transport::Json,
+        Transport::Stomp,
+        Transport::Sse,
+        Transport::Poll,
+        Transport::Telemetry,
+    ];
+
+    /// The `transport` label of `herald_connections_opened_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Json => "json",
+            Transport::Stomp => "stomp",
+            Transport::Sse => "sse",
+            Transport::Poll => "poll",
+            Transport::Telemetry => "telemetry",
+        }
+    }
+
+    /// Whether its sessions hold the implicit subscriptions (`user/{id}`, `broadcast`). STOMP
+    /// sessions receive what their `SUBSCRIBE`s name; a telemetry socket its device only.
+    fn implicit(self) -> bool {
+        matches!(self, Transport::Json | Transport::Sse | Transport::Poll)
+    }
+}
+
 /// Registers a session for `auth`, checks the user's connection limit (cluster-wide) and,
-/// when `implicit`, subscribes the user's inbox and `broadcast` (confirmed by the bus before
-/// this returns, so nothing published afterwards on any node can miss the session).
+/// for the transports that have them, subscribes the user's inbox and `broadcast` (confirmed
+/// by the bus before this returns, so nothing published afterwards on any node can miss the
+/// session).
 pub async fn open(
     state: &Arc<AppState>,
     auth: Authenticated,
-    implicit: bool,
+    transport: Transport,
 ) -> Result<Session, Refused> {
     let limits = &state.config.limits;
     let user = auth.identity.user_id.clone();
@@ -102,7 +141,7 @@ pub async fn open(
         state: state.clone(),
         conn: conn.clone(),
     };
-    state.metrics.connections_opened.increment(1);
+    state.metrics.connection_opened(transport.label());
 
     // The user connection limit counts every node's connections (cluster-wide presence).
     let count = match state.presence.user_connections(&user).await {
@@ -117,7 +156,7 @@ pub async fn open(
         return Err(Refused::TooManyConnections);
     }
 
-    if implicit {
+    if transport.implicit() {
         // Valid by construction: the authenticator only admits user ids that are topic
         // segments.
         let implicit = Topic::user(&user).into_iter().chain([Topic::broadcast()]);

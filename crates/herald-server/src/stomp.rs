@@ -356,7 +356,7 @@ async fn connect(
             return None;
         }
     };
-    let session = match session::open(state, auth, false).await {
+    let session = match session::open(state, auth, session::Transport::Stomp).await {
         Ok(s) => s,
         Err(Refused::TooManyConnections) => {
             let f = Fatal::new(

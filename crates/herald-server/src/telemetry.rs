@@ -342,7 +342,7 @@ async fn open(
             return None;
         }
     };
-    let session = match session::open(state, auth, false).await {
+    let session = match session::open(state, auth, session::Transport::Telemetry).await {
         Ok(s) => s,
         // Counted by `session::open` (connections closed, `too_many_connections`), as on /ws.
         Err(Refused::TooManyConnections) => {

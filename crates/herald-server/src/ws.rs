@@ -375,7 +375,7 @@ async fn open_session(
         Some(a) => *a,
         None => authenticate_first_frame(state, ws).await?,
     };
-    let session = match session::open(state, auth, true).await {
+    let session = match session::open(state, auth, session::Transport::Json).await {
         Ok(s) => s,
         Err(Refused::TooManyConnections) => {
             send_close(

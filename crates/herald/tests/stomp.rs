@@ -166,6 +166,20 @@ async fn stompjs_subscribes_receives_sends_and_acks() {
     c.send(&json!({"op":"disconnect"})).await;
     let closed = c.until("closed", T).await;
     assert_eq!(closed["code"], 1000);
+
+    // Counted by transport.
+    let text = server.metrics().await;
+    let opened = |t| {
+        common::metric_sum(
+            &text,
+            "herald_connections_opened_total",
+            &[("transport", t)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(opened("stomp"), 1.0, "{text}");
+    assert_eq!(opened("json"), 1.0, "{text}");
+    assert_eq!(opened("sse"), 0.0, "{text}");
 }
 
 /// The store's status of one durable message, once it is `want` (or whatever it is after

@@ -69,7 +69,7 @@ use crate::session::{
     self, Deliveries, Refused, Session, Subscribed, Written, bounded, close_label,
 };
 use crate::state::AppState;
-use crate::ws::{check_origin, credential_from};
+use crate::ws::{admit_client, credential_from};
 
 /// Queue items encoded per batch (one chunk of the response body).
 const BATCH: usize = 256;
@@ -155,20 +155,7 @@ pub(crate) fn admit(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Authenticated, Response> {
-    if state.is_draining() {
-        return Err(json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node draining, reconnect elsewhere",
-        ));
-    }
-    if !state.limiters.connection(peer.ip()) {
-        state.metrics.error("rate_limited");
-        return Err(json_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address",
-        ));
-    }
-    check_origin(state, headers)?;
+    admit_client(state, peer, headers)?;
     authenticate(state, headers, query)
 }
 

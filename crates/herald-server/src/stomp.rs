@@ -63,7 +63,7 @@ use tokio::time::{Sleep, sleep_until, timeout};
 use crate::api::json_error;
 use crate::session::{self, Deliveries, Refused, Session, bounded, close_label};
 use crate::state::AppState;
-use crate::ws::{admit, close_for_frame_error, credential_from, send_close, upgrade};
+use crate::ws::{admit, close_for_frame_error, handshake_credential, send_close, upgrade};
 use crate::wsio::{WsError, WsSocket};
 
 /// The WebSocket subprotocols that choose STOMP, preferred first.
@@ -126,15 +126,9 @@ pub(crate) fn accept(
     key: String,
     protocol: Option<&'static str>,
 ) -> Response {
-    let pre_auth = match credential_from(req.headers(), req.uri().query()) {
-        Some(c) => match state.auth.authenticate(&c) {
-            Ok(a) => Some(Box::new(a)),
-            Err(e) => {
-                state.metrics.error("unauthenticated");
-                return json_error(StatusCode::UNAUTHORIZED, &e.to_string());
-            }
-        },
-        None => None,
+    let pre_auth = match handshake_credential(&state, peer, &req) {
+        Ok(a) => a,
+        Err(res) => return res,
     };
     let task_state = state.clone();
     upgrade(&state, peer, req, &key, protocol, move |ws| {

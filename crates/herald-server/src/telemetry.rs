@@ -73,7 +73,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
 use herald_core::error::{Error, Origin};
@@ -88,10 +87,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::{Sleep, sleep_until};
 
-use crate::api::json_error;
 use crate::session::{self, Deliveries, Refused, Session, bounded, close_label};
 use crate::state::AppState;
-use crate::ws::{admit, close_for_frame_error, credential_from, send_close, upgrade};
+use crate::ws::{admit, close_for_frame_error, handshake_credential, send_close, upgrade};
 use crate::wsio::{WsError, WsSocket};
 
 /// `keys` entries at most.
@@ -141,16 +139,9 @@ fn handshake(state: Arc<AppState>, peer: SocketAddr, req: Request, endpoint: End
         Ok(k) => k,
         Err(res) => return res,
     };
-    let pre_auth = match credential_from(req.headers(), req.uri().query()) {
-        Some(c) => match state.auth.authenticate(&c) {
-            Ok(a) => Some(Box::new(a)),
-            Err(e) => {
-                state.metrics.error("unauthenticated");
-                tracing::debug!(%peer, error = %e, "telemetry handshake refused");
-                return json_error(StatusCode::UNAUTHORIZED, &e.to_string());
-            }
-        },
-        None => None,
+    let pre_auth = match handshake_credential(&state, peer, &req) {
+        Ok(a) => a,
+        Err(res) => return res,
     };
     let task_state = state.clone();
     upgrade(&state, peer, req, &key, None, move |ws| {

@@ -76,17 +76,9 @@ pub async fn handler(
         Ok(Chosen::Stomp(p)) => return crate::stomp::accept(state, peer, req, key, Some(p)),
         Err(msg) => return json_error(StatusCode::BAD_REQUEST, msg),
     };
-    let credential = credential_from(req.headers(), req.uri().query());
-    let pre_auth = match credential {
-        Some(c) => match state.auth.authenticate(&c) {
-            Ok(a) => Some(Box::new(a)),
-            Err(e) => {
-                state.metrics.error("unauthenticated");
-                tracing::debug!(%peer, error = %e, "handshake refused");
-                return json_error(StatusCode::UNAUTHORIZED, &e.to_string());
-            }
-        },
-        None => None,
+    let pre_auth = match handshake_credential(&state, peer, &req) {
+        Ok(a) => a,
+        Err(res) => return res,
     };
     let task_state = state.clone();
     upgrade(&state, peer, req, &key, protocol, move |ws| {
@@ -95,14 +87,48 @@ pub async fn handler(
 }
 
 /// The checks of every WebSocket handshake, before anything is allocated for the connection:
-/// draining node (503), per-IP rate (429), origin (403), WebSocket headers (400). Returns the
-/// `Sec-WebSocket-Key`.
+/// [`admit_client`], then the WebSocket headers (400). Returns the `Sec-WebSocket-Key`.
 #[allow(clippy::result_large_err)] // the refusal is the handler's answer, built once
 pub(crate) fn admit(
     state: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
 ) -> Result<String, Response> {
+    admit_client(state, peer, headers)?;
+    check_upgrade_headers(headers).map_err(|msg| json_error(StatusCode::BAD_REQUEST, msg))
+}
+
+/// A credential given in a WebSocket handshake (`Authorization: Bearer`, `?token=`,
+/// `?api_key=`), checked: `None` when there is none (the client authenticates after the
+/// upgrade), 401 with a JSON body and no upgrade when it is refused.
+#[allow(clippy::result_large_err)] // the refusal is the handler's answer, built once
+pub(crate) fn handshake_credential(
+    state: &AppState,
+    peer: SocketAddr,
+    req: &Request,
+) -> Result<Option<Box<Authenticated>>, Response> {
+    let Some(c) = credential_from(req.headers(), req.uri().query()) else {
+        return Ok(None);
+    };
+    match state.auth.authenticate(&c) {
+        Ok(a) => Ok(Some(Box::new(a))),
+        Err(e) => {
+            state.metrics.error("unauthenticated");
+            tracing::debug!(%peer, path = req.uri().path(), error = %e, "handshake refused");
+            Err(json_error(StatusCode::UNAUTHORIZED, &e.to_string()))
+        }
+    }
+}
+
+/// The checks of every client request (WebSocket handshake, SSE stream, poll), before
+/// anything is allocated for it: draining node (503), per-IP connection rate (429), origin
+/// (403).
+#[allow(clippy::result_large_err)] // the refusal is the handler's answer, built once
+pub(crate) fn admit_client(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
     if state.is_draining() {
         return Err(json_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -116,8 +142,7 @@ pub(crate) fn admit(
             "too many connections from this address",
         ));
     }
-    check_origin(state, headers)?;
-    check_upgrade_headers(headers).map_err(|msg| json_error(StatusCode::BAD_REQUEST, msg))
+    check_origin(state, headers)
 }
 
 /// `server.allowed_origins` (when set) against the request's `Origin` (403).

@@ -698,7 +698,7 @@ async fn refusals_are_http_errors_before_any_stream() {
     };
     assert_eq!(
         (
-            count("herald_connections_opened_total"),
+            count("herald_connections_opened_total{transport=\"sse\"}"),
             closed("client"),
             closed("too_many_connections"),
             closed("refused"),

@@ -166,6 +166,7 @@ async fn delete_streams(url: &str, prefix: &str) {
         return;
     };
     let js = jetstream::new(client);
+    keep_anchor(&js).await;
     for s in [
         format!("KV_{prefix}_presence"),
         format!("KV_{prefix}_retained"),
@@ -175,6 +176,21 @@ async fn delete_streams(url: &str, prefix: &str) {
     ] {
         let _ = js.delete_stream(s).await;
     }
+}
+
+/// A stream no test deletes. nats-server 2.9 removes the account's stream directory with its
+/// last stream, and a stream created by another test at that moment fails ("could not create
+/// storage directory", seen on a fresh machine where these tests' streams were the only
+/// ones): with this one kept, the directory never empties.
+async fn keep_anchor(js: &jetstream::Context) {
+    let _ = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: "HERALD_TESTS_ANCHOR".into(),
+            subjects: vec!["herald.tests.anchor".into()],
+            max_messages: 1,
+            ..Default::default()
+        })
+        .await;
 }
 
 /// Runs `test` under a fresh prefix on the shared server, then deletes its streams (also when

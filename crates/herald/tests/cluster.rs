@@ -119,6 +119,14 @@ fn remove_prefix(bus: &str, prefix: &str) -> Result<(), String> {
         };
     }
     let addr = format!("{host}:{port}");
+    // A stream no test deletes: nats-server 2.9 removes the account's stream directory with
+    // its last stream, and a stream another test creates at that moment fails ("could not
+    // create storage directory"). An error here is "already exists".
+    let _ = nats_request(
+        &addr,
+        "$JS.API.STREAM.CREATE.HERALD_TESTS_ANCHOR",
+        r#"{"name":"HERALD_TESTS_ANCHOR","subjects":["herald.tests.anchor"],"max_msgs":1}"#,
+    );
     let names = nats_request(&addr, "$JS.API.STREAM.NAMES", "{\"offset\":0}")?;
     let names: Value = serde_json::from_str(&names).map_err(|e| e.to_string())?;
     for name in names["streams"].as_array().into_iter().flatten() {

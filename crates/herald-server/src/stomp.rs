@@ -141,7 +141,7 @@ struct Fatal {
     message: String,
     receipt: Option<String>,
     code: u16,
-    /// The metric label of the error.
+    /// The `herald_errors_total` kind of the error (empty: none, the server ended it).
     kind: &'static str,
 }
 
@@ -153,6 +153,12 @@ impl Fatal {
             code,
             kind,
         }
+    }
+
+    /// The server ends the session (revocation, slow consumer, token expiry, drain): no
+    /// client error to count.
+    fn server_close(message: String, code: u16) -> Self {
+        Self::new(message, code, "")
     }
 
     fn bad(message: impl Into<String>) -> Self {
@@ -225,7 +231,9 @@ fn limits(state: &AppState) -> stomp::Limits {
 
 /// Writes `ERROR` and closes; errors are irrelevant now.
 async fn fail(state: &AppState, ws: &mut WsSocket, f: Fatal) {
-    state.metrics.error(f.kind);
+    if !f.kind.is_empty() {
+        state.metrics.error(f.kind);
+    }
     let frame = stomp::encode_error(&f.message, f.receipt.as_deref(), &f.message);
     let limit = state.config.limits.write_timeout;
     let _ = Box::pin(timeout(limit, ws.send_text(&frame))).await;
@@ -353,10 +361,10 @@ async fn connect(
     let session = match session::open(state, auth, session::Transport::Stomp).await {
         Ok(s) => s,
         Err(Refused::TooManyConnections) => {
-            let f = Fatal::new(
-                "too many connections for this user",
+            // Counted as a close (`too_many_connections`) by the session, as on `/ws`.
+            let f = Fatal::server_close(
+                "too many connections for this user".into(),
                 close::TOO_MANY_CONNECTIONS,
-                "rate_limited",
             );
             fail(state, ws, f).await;
             return None;
@@ -454,17 +462,14 @@ async fn connection_loop(state: &Arc<AppState>, ws: &mut WsSocket, c: &mut Conn)
                     }
                 }
                 if let Some(CloseRequest { code, reason }) = close {
-                    let f = Fatal::new(reason.into_owned(), code, "closed_by_server");
-                    let f = Fatal { kind: close_label(code), ..f };
-                    fail(state, ws, f).await;
+                    fail(state, ws, Fatal::server_close(reason.into_owned(), code)).await;
                     return close_label(code);
                 }
             }
             _ = &mut timer => {
                 let now = Instant::now();
                 if c.session.expiry.is_some_and(|e| now >= e) {
-                    let f = Fatal::new("token expired", close::TOKEN_EXPIRED, "token_expired");
-                    fail(state, ws, f).await;
+                    fail(state, ws, Fatal::server_close("token expired".into(), close::TOKEN_EXPIRED)).await;
                     return "token_expired";
                 }
                 if now >= next_ping {
@@ -875,10 +880,9 @@ fn control_frame(subs: &[Sub], json: &[u8], frames: &mut Vec<Bytes>) -> Option<F
         }
         Some("reconnect") => {
             let after = v.get("after_ms").and_then(Value::as_u64).unwrap_or(0);
-            Some(Fatal::new(
+            Some(Fatal::server_close(
                 format!("node draining: reconnect (after {after} ms)"),
                 close::SERVICE_RESTART,
-                "server_restart",
             ))
         }
         _ => None,

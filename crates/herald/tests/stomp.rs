@@ -673,3 +673,36 @@ async fn app_commands_reply_on_the_replies_queue() {
     assert_eq!(env["data"], json!({"call": 42}));
     assert_eq!(env["conn_id"], connected["headers"]["session"]);
 }
+
+#[tokio::test]
+async fn the_user_limit_and_server_side_closes_come_as_error_frames() {
+    let server = Server::start("[limits]\nmax_connections_per_user = 1\n").await;
+    let mut first = raw_connected(&server, "ivy").await;
+
+    // A second session of the user: ERROR, then 4029.
+    let mut ws = raw(&server).await;
+    let token = server.token("ivy", 3600, json!({}));
+    ws.send_text(&format!(
+        "CONNECT\naccept-version:1.2\nAuthorization:Bearer {token}\n\n\0"
+    ))
+    .await;
+    let text = ws.recv_text(T).await;
+    assert!(text.starts_with("ERROR\n"), "{text:?}");
+    assert!(text.contains("too many connections"), "{text:?}");
+    let (code, _) = ws.expect_close(T).await;
+    assert_eq!(code, 4029);
+
+    // Disconnected through the server API: ERROR, then 4011.
+    let (status, body) = server
+        .api_post(
+            "/api/v1/users/ivy/disconnect",
+            &server.admin_key,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let text = first.recv_text(T).await;
+    assert!(text.starts_with("ERROR\n"), "{text:?}");
+    let (code, _) = first.expect_close(T).await;
+    assert_eq!(code, 4011);
+}

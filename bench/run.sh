@@ -2,8 +2,8 @@
 # Runs one herald-bench scenario against a freshly built Herald (started by the bench with a
 # generated config: memory store — S6: the store of `--store` —, known secret, raised rate
 # limits) or against a peer
-# (`--target nats|node-ws|socketio|sockudo`, started by the bench on free loopback ports; see
-# bench/peers/README.md) and records the results in bench/results/<scenario>-<date>.{json,md}.
+# (`--target nats|node-ws|socketio|sockudo|rabbitmq-stomp`, started by the bench on free loopback
+# ports; see bench/peers/README.md; `--target herald-stomp` is Herald through its STOMP endpoint) and records the results in bench/results/<scenario>-<date>.{json,md}.
 #
 #   bench/run.sh idle    [-n 19000]                       # S1
 #   bench/run.sh connect [-n 10000]                       # S2
@@ -26,7 +26,7 @@ for arg in "$@"; do
     if [ "$prev" = "--target" ]; then target="$arg"; fi
     prev="$arg"
 done
-if [ "$target" != herald ]; then
+if [ "$target" != herald ] && [ "$target" != herald-stomp ]; then
     # A peer: the bench starts it itself (--server-bin overrides its binary).
     cargo build --release -q -p herald-bench
     exec target/release/herald-bench "$scenario" "$@"

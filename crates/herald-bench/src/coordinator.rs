@@ -29,7 +29,9 @@ pub struct Common {
     /// Start this server binary with a generated config (herald: `target/release/herald`,
     /// memory store, known secret; nats: `nats-server`, WebSocket listener on free ports;
     /// node-ws, socketio: the `node` that runs `bench/peers/<peer>/server.js`, default `node`;
-    /// sockudo: the `sockudo` binary, default on the PATH or /work/cache/sockudo/bin/sockudo).
+    /// sockudo: the `sockudo` binary, default on the PATH or /work/cache/sockudo/bin/sockudo;
+    /// rabbitmq-stomp: the `rabbitmq-server` script, default /usr/lib/rabbitmq/bin/rabbitmq-server;
+    /// herald-stomp: the herald binary, as herald).
     #[arg(long, value_name = "PATH", conflicts_with = "url")]
     pub server_bin: Option<PathBuf>,
     /// Attach to a running Herald at this base URL (http://127.0.0.1:8080) instead.
@@ -72,6 +74,12 @@ pub enum TargetKind {
     SocketIo,
     /// Sockudo, Pusher protocol (bench/peers/sockudo).
     Sockudo,
+    /// RabbitMQ Web-STOMP: a node of the bench's own (bench/peers/rabbitmq-web-stomp).
+    #[value(name = "rabbitmq-stomp")]
+    RabbitStomp,
+    /// Herald through its STOMP endpoint (`/stomp`), with the rabbitmq-stomp client.
+    #[value(name = "herald-stomp")]
+    HeraldStomp,
 }
 
 /// The server under test, started or attached.
@@ -118,6 +126,18 @@ impl Server {
         let peer_bin = |default: PathBuf| c.server_bin.clone().unwrap_or(default);
         let (managed, target, bin) = match c.target {
             TargetKind::Herald => return Self::open_herald(c, store).await,
+            TargetKind::HeraldStomp => {
+                let mut s = Self::open_herald(c, store).await?;
+                if let TargetSpec::Herald(h) = &s.target {
+                    s.target = TargetSpec::HeraldStomp(h.clone());
+                }
+                return Ok(s);
+            }
+            TargetKind::RabbitStomp => {
+                let bin = peer_bin(server::DEFAULT_RABBITMQ_SERVER.into());
+                let (m, spec) = server::start_rabbitmq(&bin).await?;
+                (m, TargetSpec::RabbitStomp(spec), bin)
+            }
             TargetKind::Nats => {
                 let bin = peer_bin("nats-server".into());
                 let (m, spec) = server::start_nats(&bin).await?;

@@ -14,6 +14,7 @@ use tokio::process::{Child, Command};
 use crate::targets::herald::HeraldSpec;
 use crate::targets::nats::NatsSpec;
 use crate::targets::node_ws::NodeWsSpec;
+use crate::targets::rabbitmq_stomp::RabbitStompSpec;
 use crate::targets::socketio::SocketIoSpec;
 use crate::targets::sockudo::SockudoSpec;
 
@@ -105,18 +106,37 @@ pub struct Managed {
     child: Child,
     pub pid: u32,
     dir: PathBuf,
+    /// The child leads its own process group (RabbitMQ: the VM and its helpers), killed
+    /// whole if SIGTERM does not end it.
+    group: bool,
 }
 
 impl Managed {
+    fn new(child: Child, pid: u32, dir: PathBuf) -> Self {
+        Self {
+            child,
+            pid,
+            dir,
+            group: false,
+        }
+    }
+
     pub async fn stop(mut self) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
             libc::kill(self.pid as i32, libc::SIGTERM);
         }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+        let grace = Duration::from_secs(if self.group { 30 } else { 10 });
+        if tokio::time::timeout(grace, self.child.wait())
             .await
             .is_err()
         {
+            if self.group {
+                // SAFETY: kill(2) on the process group our child leads.
+                unsafe {
+                    libc::kill(-(self.pid as i32), libc::SIGKILL);
+                }
+            }
             let _ = self.child.kill().await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -174,7 +194,7 @@ pub async fn start_herald(
         secret: BENCH_SECRET.to_owned(),
         api_key: BENCH_API_KEY.to_owned(),
     };
-    Ok((Managed { child, pid, dir }, spec, store_url))
+    Ok((Managed::new(child, pid, dir), spec, store_url))
 }
 
 /// A free loopback port (bound then released: a small race, acceptable on a bench machine).
@@ -209,7 +229,7 @@ pub async fn start_nats(bin: &Path) -> anyhow::Result<(Managed, NatsSpec)> {
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let pid = child.id().context("nats-server exited at once")?;
-    let mut managed = Managed { child, pid, dir };
+    let mut managed = Managed::new(child, pid, dir);
     for addr in [format!("127.0.0.1:{port}"), format!("127.0.0.1:{ws_port}")] {
         wait_listening(&mut managed, &addr, "nats-server", Duration::from_secs(10)).await?;
     }
@@ -292,7 +312,7 @@ async fn start_node_peer(node: &Path, name: &str) -> anyhow::Result<(Managed, St
         .with_context(|| format!("cannot start {}", node.display()))?;
     let pid = child.id().context("node exited at once")?;
     let http_url = listening_url(&mut child, name).await?;
-    Ok((Managed { child, pid, dir }, http_url))
+    Ok((Managed::new(child, pid, dir), http_url))
 }
 
 /// The Node `ws` broadcast server (`bench/peers/node-ws`).
@@ -378,7 +398,7 @@ pub async fn start_sockudo(bin: &Path) -> anyhow::Result<(Managed, SockudoSpec)>
             )
         })?;
     let pid = child.id().context("sockudo exited at once")?;
-    let mut managed = Managed { child, pid, dir };
+    let mut managed = Managed::new(child, pid, dir);
     let addr = format!("127.0.0.1:{port}");
     if let Err(e) = wait_listening(&mut managed, &addr, "sockudo", Duration::from_secs(30)).await {
         let log = std::fs::read_to_string(managed.dir.join("sockudo.log")).unwrap_or_default();
@@ -396,8 +416,110 @@ pub async fn start_sockudo(bin: &Path) -> anyhow::Result<(Managed, SockudoSpec)>
     Ok((managed, spec))
 }
 
+/// Where Debian's `rabbitmq-server` script is.
+pub const DEFAULT_RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+/// The bench node's `rabbitmq.conf`: AMQP, STOMP (TCP, unused but started by the plugin) and
+/// Web-STOMP on free loopback ports; no connection cap; Cowboy's WebSocket idle timeout
+/// (60 s by default) raised to an hour, as the STOMP clients ask for no heart-beats and S1
+/// holds idle connections for minutes.
+pub fn rabbitmq_config(amqp_port: u16, stomp_port: u16, web_stomp_port: u16) -> String {
+    format!(
+        "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
+         stomp.listeners.tcp.1 = 127.0.0.1:{stomp_port}\n\
+         web_stomp.tcp.ip = 127.0.0.1\n\
+         web_stomp.tcp.port = {web_stomp_port}\n\
+         web_stomp.tcp.backlog = 4096\n\
+         web_stomp.max_connections = infinity\n\
+         web_stomp.ws_opts.idle_timeout = 3600000\n\
+         loopback_users.guest = true\n\
+         log.console = true\n\
+         log.console.level = warning\n\
+         log.file = false\n"
+    )
+}
+
+/// Starts a RabbitMQ node of the bench's own (never the machine's shared broker): node name
+/// `bench-<pid>-<n>@localhost`, AMQP, Erlang distribution, STOMP and Web-STOMP on free
+/// loopback ports, data, logs, plugins file (`[rabbitmq_web_stomp].`, no management) and
+/// `$HOME` (so its Erlang cookie) in a scratch directory. `RUNNING_UNDER_SYSTEMD` makes the
+/// script `exec` the VM (no signal-forwarding shell in between), so the child's pid is
+/// `beam.smp` itself: the pid measured, stopped with SIGTERM (RabbitMQ shuts down cleanly),
+/// its process group killed if that takes over 30 s. Waits until the AMQP and Web-STOMP ports
+/// accept (90 s at most).
+pub async fn start_rabbitmq(bin: &Path) -> anyhow::Result<(Managed, RabbitStompSpec)> {
+    let dir = scratch_dir("rabbitmq")?;
+    let (port, dist_port, stomp_port, web_port) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let node = format!(
+        "bench-{}-{}@localhost",
+        std::process::id(),
+        crate::targets::now_ns() % 1_000_000_000
+    );
+    std::fs::write(
+        dir.join("rabbitmq.conf"),
+        rabbitmq_config(port, stomp_port, web_port),
+    )?;
+    std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_web_stomp].\n")?;
+    let log = std::fs::File::create(dir.join("server.out"))?;
+    let child = Command::new(bin)
+        .env("HOME", &dir)
+        .env("RABBITMQ_NODENAME", &node)
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", dir.join("log"))
+        .env("RABBITMQ_PID_FILE", dir.join("pid"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+        // Not the system's rabbitmq.conf (it configures the shared broker).
+        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+        .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+        .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+        .env("RUNNING_UNDER_SYSTEMD", "true")
+        .env_remove("NOTIFY_SOCKET")
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let pid = child.id().context("rabbitmq-server exited at once")?;
+    let mut managed = Managed::new(child, pid, dir);
+    managed.group = true;
+    for addr in [format!("127.0.0.1:{port}"), format!("127.0.0.1:{web_port}")] {
+        if let Err(e) =
+            wait_listening(&mut managed, &addr, "rabbitmq", Duration::from_secs(90)).await
+        {
+            let log = std::fs::read_to_string(managed.dir.join("server.out")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e:#}\n{}", tail.join("\n"));
+        }
+    }
+    Ok((
+        managed,
+        RabbitStompSpec {
+            ws_url: format!("ws://127.0.0.1:{web_port}/ws"),
+            amqp_url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            login: "guest".to_owned(),
+            passcode: "guest".to_owned(),
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rabbitmq_config_is_private() {
+        let c = super::rabbitmq_config(1, 2, 3);
+        assert!(c.contains("listeners.tcp.default = 127.0.0.1:1\n"));
+        assert!(c.contains("web_stomp.tcp.ip = 127.0.0.1\nweb_stomp.tcp.port = 3\n"));
+        assert!(!c.contains("management"));
+    }
+
     #[test]
     fn sockudo_env_names_the_app_and_raises_the_limits() {
         let env = super::parse_env_file(super::SOCKUDO_ENV);

@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::hist;
 use crate::targets::{
     Incoming, Target, TargetSpec, Ws, herald::Herald, nats::Nats, node_ws::NodeWs, now_ns, open_ws,
-    socketio::SocketIo, sockudo::Sockudo,
+    rabbitmq_stomp::Stomp, socketio::SocketIo, sockudo::Sockudo,
 };
 
 /// What one connection subscribes to.
@@ -233,6 +233,8 @@ pub fn run(spec_json: &str, threads: usize) -> anyhow::Result<()> {
             TargetSpec::NodeWs(n) => run_with(Arc::new(NodeWs::new(n)), spec).await,
             TargetSpec::SocketIo(s) => run_with(Arc::new(SocketIo::new(s)), spec).await,
             TargetSpec::Sockudo(s) => run_with(Arc::new(Sockudo::new(s)), spec).await,
+            TargetSpec::RabbitStomp(s) => run_with(Arc::new(Stomp::rabbitmq(s)), spec).await,
+            TargetSpec::HeraldStomp(h) => run_with(Arc::new(Stomp::herald(&h)), spec).await,
         }
     });
     // Do not wait for thousands of connection tasks to be torn down one by one.
@@ -254,7 +256,7 @@ async fn run_with<T: Target>(target: Arc<T>, spec: WorkerSpec) -> anyhow::Result
             let permit = sem.acquire_owned().await;
             let opened = tokio::time::timeout(Duration::from_secs(60), async {
                 let url = target.ws_url(conn, topic.as_deref())?;
-                let mut ws = open_ws(&url, local).await?;
+                let mut ws = open_ws(&url, local, target.subprotocol()).await?;
                 target.handshake(&mut ws, conn, topic.as_deref()).await?;
                 anyhow::Ok(ws)
             })

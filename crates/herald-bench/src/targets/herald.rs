@@ -42,16 +42,7 @@ impl Herald {
 
 impl Target for Herald {
     fn ws_url(&self, conn: usize, _topic: Option<&str>) -> anyhow::Result<String> {
-        // The claims of `herald token` (herald_server::auth::dev_claims), minted here so the
-        // bench does not build the server crate.
-        let now = crate::results::now_unix();
-        let claims = json!({
-            "sub": format!("bench-{conn}"),
-            "iat": now,
-            "exp": now + 24 * 3600,
-            "jti": format!("bench-{conn}-{}", super::now_ns()),
-        });
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)?;
+        let token = mint_token(&self.key, conn)?;
         Ok(format!("{}?token={token}", self.spec.ws_url))
     }
 
@@ -103,6 +94,23 @@ impl Target for Herald {
     fn ack(&self, id: &str, sent_ns: u64) -> Option<Message> {
         Some(Message::text(ack_frame(id, sent_ns)))
     }
+}
+
+/// The token of connection `conn` (user `bench-<conn>`): the claims of `herald token`
+/// (herald_server::auth::dev_claims), minted here so the bench does not build the server crate.
+pub fn mint_token(key: &EncodingKey, conn: usize) -> anyhow::Result<String> {
+    let now = crate::results::now_unix();
+    let claims = json!({
+        "sub": format!("bench-{conn}"),
+        "iat": now,
+        "exp": now + 24 * 3600,
+        "jti": format!("bench-{conn}-{}", super::now_ns()),
+    });
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        key,
+    )?)
 }
 
 /// Request ids of our acks: `ack-<send time, ns since the epoch>` (echoed in the reply).

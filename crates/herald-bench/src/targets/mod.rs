@@ -9,6 +9,7 @@
 pub mod herald;
 pub mod nats;
 pub mod node_ws;
+pub mod rabbitmq_stomp;
 pub mod socketio;
 pub mod sockudo;
 
@@ -22,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -35,6 +38,11 @@ pub enum TargetSpec {
     NodeWs(node_ws::NodeWsSpec),
     SocketIo(socketio::SocketIoSpec),
     Sockudo(sockudo::SockudoSpec),
+    /// RabbitMQ Web-STOMP, published to over AMQP.
+    #[serde(rename = "rabbitmq_stomp")]
+    RabbitStomp(rabbitmq_stomp::RabbitStompSpec),
+    /// Herald's STOMP endpoint (`/stomp`), published to over Herald's HTTP API.
+    HeraldStomp(herald::HeraldSpec),
 }
 
 impl TargetSpec {
@@ -45,6 +53,8 @@ impl TargetSpec {
             Self::NodeWs(_) => "node-ws",
             Self::SocketIo(_) => "socketio",
             Self::Sockudo(_) => "sockudo",
+            Self::RabbitStomp(_) => "rabbitmq-stomp",
+            Self::HeraldStomp(_) => "herald-stomp",
         }
     }
 
@@ -56,14 +66,23 @@ impl TargetSpec {
             Self::NodeWs(_) => "no auth; the WebSocket upgrade",
             Self::SocketIo(_) => "no auth; Engine.IO open, `40` until `40{sid}`",
             Self::Sockudo(_) => "app key in the URL; until pusher:connection_established",
+            Self::RabbitStomp(_) => {
+                "STOMP 1.2 (v12.stomp), CONNECT login/passcode guest/guest; until CONNECTED"
+            }
+            Self::HeraldStomp(_) => {
+                "STOMP 1.2 (v12.stomp) on /stomp, CONNECT with Authorization: Bearer <HS256 JWT>, one user per connection; until CONNECTED"
+            }
         }
     }
 
     /// How the coordinator publishes to this target (recorded with S3/S4 results).
     pub fn publish_path(&self) -> &'static str {
         match self {
-            Self::Herald(_) => {
+            Self::Herald(_) | Self::HeraldStomp(_) => {
                 "HTTP /api/v1/publish (one due message) or /api/v1/publish/batch (several), keep-alive"
+            }
+            Self::RabbitStomp(_) => {
+                "AMQP 0-9-1 basic.publish to amq.topic (routing key = topic), one per message, publisher confirms awaited"
             }
             Self::Nats(_) => "NATS TCP protocol: PUB per message, then PING/PONG",
             Self::NodeWs(_) | Self::SocketIo(_) => {
@@ -82,12 +101,18 @@ pub enum AnyPublisher {
     Nats(nats::NatsPublisher),
     Json(node_ws::JsonPublisher),
     Sockudo(sockudo::SockudoPublisher),
+    Amqp(Box<rabbitmq_stomp::AmqpPublisher>),
 }
 
 impl AnyPublisher {
     pub async fn connect(spec: &TargetSpec) -> anyhow::Result<Self> {
         Ok(match spec {
-            TargetSpec::Herald(s) => Self::Herald(herald::HeraldPublisher::new(s)?),
+            TargetSpec::Herald(s) | TargetSpec::HeraldStomp(s) => {
+                Self::Herald(herald::HeraldPublisher::new(s)?)
+            }
+            TargetSpec::RabbitStomp(s) => {
+                Self::Amqp(Box::new(rabbitmq_stomp::AmqpPublisher::connect(s).await?))
+            }
             TargetSpec::Nats(s) => Self::Nats(nats::NatsPublisher::connect(s).await?),
             TargetSpec::NodeWs(s) => Self::Json(node_ws::JsonPublisher::new(&s.http_url)?),
             TargetSpec::SocketIo(s) => Self::Json(node_ws::JsonPublisher::new(&s.http_url)?),
@@ -103,6 +128,7 @@ impl Publisher for AnyPublisher {
             Self::Nats(p) => p.publish(topic, payloads).await,
             Self::Json(p) => p.publish(topic, payloads).await,
             Self::Sockudo(p) => p.publish(topic, payloads).await,
+            Self::Amqp(p) => p.publish(topic, payloads).await,
         }
     }
 }
@@ -130,6 +156,10 @@ pub trait Target: Send + Sync + 'static {
     /// The WebSocket URL for connection number `conn` (credentials included if they go there;
     /// `topic` too, for servers that subscribe by URL).
     fn ws_url(&self, conn: usize, topic: Option<&str>) -> anyhow::Result<String>;
+    /// The WebSocket subprotocol to ask for (`Sec-WebSocket-Protocol`), if any.
+    fn subprotocol(&self) -> Option<&'static str> {
+        None
+    }
     /// After the WebSocket handshake: authenticate if needed, wait for the server's hello,
     /// subscribe to `topic` (if any) and wait until the subscription is confirmed.
     fn handshake(
@@ -186,7 +216,12 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
 
 /// Opens a WebSocket to `url` from `local` (a loopback source address, to spread beyond one
 /// address's ephemeral ports) with small buffers: the generator holds many idle sockets too.
-pub async fn open_ws(url: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
+/// `protocol`: the subprotocol to ask for (the server must accept it).
+pub async fn open_ws(
+    url: &str,
+    local: Option<IpAddr>,
+    protocol: Option<&'static str>,
+) -> anyhow::Result<Ws> {
     let addr = host_port(url)?;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -203,7 +238,13 @@ pub async fn open_ws(url: &str, local: Option<IpAddr>) -> anyhow::Result<Ws> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config)).await?;
+    let mut request = url.into_client_request()?;
+    if let Some(p) = protocol {
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_static(p));
+    }
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config)).await?;
     Ok(ws)
 }
 

@@ -63,7 +63,9 @@ use tokio::time::{Sleep, sleep_until, timeout};
 use crate::api::json_error;
 use crate::session::{self, Deliveries, Refused, Session, bounded, close_label};
 use crate::state::AppState;
-use crate::ws::{admit, close_for_frame_error, handshake_credential, send_close, upgrade};
+use crate::ws::{
+    First, admit, close_for_frame_error, first_message, handshake_credential, send_close, upgrade,
+};
 use crate::wsio::{WsError, WsSocket};
 
 /// The WebSocket subprotocols that choose STOMP, preferred first.
@@ -249,8 +251,11 @@ async fn connect(
     let limits_ = &state.config.limits;
     let deadline = Instant::now() + limits_.auth_timeout;
     let frame = loop {
-        let msg = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
-            Err(_) => {
+        let bytes = match first_message(state, ws, deadline).await {
+            First::Data(WsMessage::Text(t)) => t.into_bytes(),
+            First::Data(WsMessage::Binary(b)) => b,
+            First::Data(_) | First::Gone => return None,
+            First::Timeout => {
                 let f = Fatal::new(
                     "authentication timeout: send CONNECT first",
                     close::UNAUTHENTICATED,
@@ -259,27 +264,7 @@ async fn connect(
                 fail(state, ws, f).await;
                 return None;
             }
-            Ok(Err(WsError::Frame(e))) => {
-                close_for_frame_error(state, ws, &e, limits_.write_timeout).await;
-                return None;
-            }
-            Ok(Ok(None)) | Ok(Err(WsError::Io(_))) => return None,
-            Ok(Ok(Some(m))) => m,
-        };
-        let bytes = match msg {
-            WsMessage::Text(t) => t.into_bytes(),
-            WsMessage::Binary(b) => b,
-            WsMessage::Ping(p) => {
-                if bounded(limits_.write_timeout, ws.send_pong(&p))
-                    .await
-                    .map_or(true, |r| r.is_err())
-                {
-                    return None;
-                }
-                continue;
-            }
-            WsMessage::Pong => continue,
-            WsMessage::Close(code) => {
+            First::Close(code) => {
                 send_close(ws, code.unwrap_or(close::NORMAL), "", limits_.write_timeout).await;
                 return None;
             }

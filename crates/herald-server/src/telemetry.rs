@@ -89,7 +89,9 @@ use tokio::time::{Sleep, sleep_until};
 
 use crate::session::{self, Deliveries, Refused, Session, bounded, close_label};
 use crate::state::AppState;
-use crate::ws::{admit, close_for_frame_error, handshake_credential, send_close, upgrade};
+use crate::ws::{
+    First, admit, close_for_frame_error, first_message, handshake_credential, send_close, upgrade,
+};
 use crate::wsio::{WsError, WsSocket};
 
 /// `keys` entries at most.
@@ -374,39 +376,26 @@ async fn first_text(state: &AppState, ws: &mut WsSocket) -> Option<String> {
     let limits = &state.config.limits;
     let deadline = Instant::now() + limits.auth_timeout;
     loop {
-        let frame = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
-            Err(_) => {
+        match first_message(state, ws, deadline).await {
+            First::Timeout => {
                 state.metrics.error("unauthenticated");
                 Refusal::unauthenticated("authentication timeout")
                     .send(state, ws)
                     .await;
                 return None;
             }
-            Ok(Err(WsError::Frame(e))) => {
-                close_for_frame_error(state, ws, &e, limits.write_timeout).await;
-                return None;
-            }
-            Ok(Ok(None)) | Ok(Err(WsError::Io(_))) => return None,
-            Ok(Ok(Some(f))) => f,
-        };
-        match frame {
-            WsMessage::Text(t) if t == "ping" => {
+            First::Gone => return None,
+            First::Data(WsMessage::Text(t)) if t == "ping" => {
                 if !write_ok(limits.write_timeout, ws.send_text(b"pong")).await {
                     return None;
                 }
             }
-            WsMessage::Text(t) => return Some(t),
-            WsMessage::Ping(p) => {
-                if !write_ok(limits.write_timeout, ws.send_pong(&p)).await {
-                    return None;
-                }
-            }
-            WsMessage::Pong => {}
-            WsMessage::Close(code) => {
+            First::Data(WsMessage::Text(t)) => return Some(t),
+            First::Close(code) => {
                 send_close(ws, code.unwrap_or(close::NORMAL), "", limits.write_timeout).await;
                 return None;
             }
-            WsMessage::Binary(_) => {
+            First::Data(_) => {
                 state.metrics.error("bad_request");
                 Refusal::bad("the first frame must be a JSON text frame")
                     .send(state, ws)

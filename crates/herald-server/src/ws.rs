@@ -305,68 +305,89 @@ pub(crate) async fn close_for_frame_error(
     label
 }
 
+/// What the wait for a client's first data message gave ([`first_message`]).
+pub(crate) enum First {
+    Data(WsMessage),
+    /// The deadline passed: the caller refuses the connection its own way.
+    Timeout,
+    /// The client sent a Close (its code): the caller answers it.
+    Close(Option<u16>),
+    /// The connection is gone or was closed here (a framing error is answered with
+    /// 1002/1007/1009 and counted).
+    Gone,
+}
+
+/// Waits until `deadline` for the client's first Text or Binary message, answering Pings and
+/// skipping Pongs meanwhile: the common start of every WebSocket transport's handshake
+/// frame (JSON v1 `auth`, STOMP `CONNECT`, the telemetry first frame).
+pub(crate) async fn first_message(state: &AppState, ws: &mut Ws, deadline: Instant) -> First {
+    let limit = state.config.limits.write_timeout;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+            Err(_) => return First::Timeout,
+            Ok(Err(WsError::Frame(e))) => {
+                close_for_frame_error(state, ws, &e, limit).await;
+                return First::Gone;
+            }
+            Ok(Ok(None)) | Ok(Err(WsError::Io(_))) => return First::Gone,
+            Ok(Ok(Some(WsMessage::Ping(p)))) => {
+                if bounded(limit, ws.send_pong(&p))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    return First::Gone;
+                }
+            }
+            Ok(Ok(Some(WsMessage::Pong))) => {}
+            Ok(Ok(Some(WsMessage::Close(code)))) => return First::Close(code),
+            Ok(Ok(Some(m))) => return First::Data(m),
+        }
+    }
+}
+
 /// First-frame authentication, within `auth_timeout`. On failure the connection is closed
 /// with 4001 here.
 async fn authenticate_first_frame(state: &AppState, ws: &mut Ws) -> Option<Authenticated> {
     let limits = &state.config.limits;
     let deadline = Instant::now() + limits.auth_timeout;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
-            Err(_) => {
-                send_close(
-                    ws,
-                    close::UNAUTHENTICATED,
-                    "authentication timeout",
-                    limits.write_timeout,
-                )
-                .await;
-                return None;
-            }
-            Ok(Err(WsError::Frame(e))) => {
-                close_for_frame_error(state, ws, &e, limits.write_timeout).await;
-                return None;
-            }
-            Ok(Ok(None)) | Ok(Err(WsError::Io(_))) => return None,
-            Ok(Ok(Some(f))) => f,
-        };
-        let text = match frame {
-            WsMessage::Text(t) => t,
-            WsMessage::Ping(p) => {
-                if bounded(limits.write_timeout, ws.send_pong(&p))
-                    .await
-                    .map_or(true, |r| r.is_err())
-                {
-                    return None;
-                }
-                continue;
-            }
-            WsMessage::Pong => continue,
-            _ => {
-                send_close(
-                    ws,
-                    close::UNAUTHENTICATED,
-                    "authenticate first",
-                    limits.write_timeout,
-                )
-                .await;
-                return None;
-            }
-        };
-        let reason = match json::parse_request(&text) {
-            Ok(ClientRequest {
-                frame: ClientFrame::Auth { token },
-                ..
-            }) => match state.auth.authenticate(&token) {
-                Ok(a) => return Some(a),
-                Err(e) => e.to_string(),
-            },
-            Ok(_) => "authenticate first".to_owned(),
-            Err(e) => e.message,
-        };
-        state.metrics.error("unauthenticated");
-        send_close(ws, close::UNAUTHENTICATED, &reason, limits.write_timeout).await;
-        return None;
-    }
+    let text = match first_message(state, ws, deadline).await {
+        First::Data(WsMessage::Text(t)) => t,
+        First::Timeout => {
+            send_close(
+                ws,
+                close::UNAUTHENTICATED,
+                "authentication timeout",
+                limits.write_timeout,
+            )
+            .await;
+            return None;
+        }
+        First::Gone => return None,
+        First::Data(_) | First::Close(_) => {
+            send_close(
+                ws,
+                close::UNAUTHENTICATED,
+                "authenticate first",
+                limits.write_timeout,
+            )
+            .await;
+            return None;
+        }
+    };
+    let reason = match json::parse_request(&text) {
+        Ok(ClientRequest {
+            frame: ClientFrame::Auth { token },
+            ..
+        }) => match state.auth.authenticate(&token) {
+            Ok(a) => return Some(a),
+            Err(e) => e.to_string(),
+        },
+        Ok(_) => "authenticate first".to_owned(),
+        Err(e) => e.message,
+    };
+    state.metrics.error("unauthenticated");
+    send_close(ws, close::UNAUTHENTICATED, &reason, limits.write_timeout).await;
+    None
 }
 
 /// The connection task. What it holds while the connection lives is what every idle

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, T, encode_segment, eventually};
+use common::{Server, T, encode_segment, eventually, topics_query};
 use serde_json::{Value, json};
 
 const CONFIG: &str = r#"
@@ -48,14 +48,6 @@ async fn poll_ok(server: &Server, token: &str, query: &str) -> Value {
     assert_eq!(s, 200, "poll {query}: {b}");
     assert!(b["messages"].is_array(), "{b}");
     b
-}
-
-fn topics_query(topics: &[&str]) -> String {
-    topics
-        .iter()
-        .map(|t| format!("topic={}", encode_segment(t)))
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// (topic, seq) of each message.

@@ -41,11 +41,7 @@ subscribe = "deny"
 
 /// `/sse?topic=…` (topics percent-encoded).
 fn sse_path(topics: &[&str]) -> String {
-    let q: Vec<String> = topics
-        .iter()
-        .map(|t| format!("topic={}", encode_segment(t)))
-        .collect();
-    format!("/sse?{}", q.join("&"))
+    format!("/sse?{}", common::topics_query(topics))
 }
 
 /// An `eventsource` client for `user` on `topics`, its `welcome` and `subscribed` events read.

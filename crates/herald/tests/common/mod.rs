@@ -96,6 +96,15 @@ where
     }
 }
 
+/// `topic=…&topic=…`, each topic percent-encoded (the `/sse` and `/api/v1/poll` queries).
+pub fn topics_query(topics: &[&str]) -> String {
+    topics
+        .iter()
+        .map(|t| format!("topic={}", encode_segment(t)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// Percent-encodes `s` as one URL path segment (`device/d-9` → `device%2Fd-9`).
 pub fn encode_segment(s: &str) -> String {
     let mut out = String::new();

@@ -193,7 +193,7 @@ enum AckMode {
 struct Sub {
     id: Box<str>,
     destination: Box<str>,
-    topic: Option<Topic>,
+    topic: Topic,
     ack: AckMode,
     /// Durable ids written and not yet acknowledged (client modes), oldest first.
     pending: VecDeque<Box<str>>,
@@ -539,10 +539,8 @@ async fn handle_frame(state: &Arc<AppState>, c: &mut Conn, frame: &Frame) -> Res
                 return Err(Fatal::bad(format!("no subscription with id {id}")));
             };
             let sub = c.subs.remove(pos);
-            if let Some(t) = sub.topic
-                && !c.subs.iter().any(|s| s.topic.as_ref() == Some(&t))
-            {
-                state.hub.unsubscribe(&c.session.conn, t.as_str());
+            if !c.subs.iter().any(|s| s.topic == sub.topic) {
+                state.hub.unsubscribe(&c.session.conn, sub.topic.as_str());
             }
             Ok(Next::Continue)
         }
@@ -646,7 +644,7 @@ async fn subscribe(state: &Arc<AppState>, c: &mut Conn, frame: &Frame) -> Result
     c.subs.push(Sub {
         id: id.into(),
         destination: dest.into(),
-        topic: Some(topic.clone()),
+        topic: topic.clone(),
         ack,
         pending: VecDeque::new(),
     });
@@ -755,7 +753,7 @@ async fn write_batch(
     for item in batch.drain(..) {
         match item {
             Outgoing::Message(m) | Outgoing::Replay(m) => {
-                if !c.subs.iter().any(|s| s.topic.as_ref() == Some(&m.topic)) {
+                if !c.subs.iter().any(|s| s.topic == m.topic) {
                     continue;
                 }
                 if !c.deliveries.admit(state, &c.session.conn, &m, &mut written) {
@@ -800,10 +798,7 @@ fn deliver(
     auto_acks: &mut Vec<String>,
 ) {
     let mut auto_acked = false;
-    for sub in subs
-        .iter_mut()
-        .filter(|s| s.topic.as_ref() == Some(&m.topic))
-    {
+    for sub in subs.iter_mut().filter(|s| s.topic == m.topic) {
         push_message(frames, sub, &m.id, tail.clone());
         if !m.durable {
             continue;

@@ -169,7 +169,11 @@ async fn open_sqlite(url: &str, o: &Options) -> Result<Pool, SetupError> {
         let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal);
-        let pool = SqlitePoolOptions::new().max_connections(o.max_connections.max(1));
+        // No ping before each acquire: the database is a local file, and the ping is one more
+        // round trip to the connection's thread on every transaction of the writer.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(o.max_connections.max(1))
+            .test_before_acquire(false);
         (opts, pool)
     };
     if !in_memory {
@@ -183,6 +187,31 @@ async fn open_sqlite(url: &str, o: &Options) -> Result<Pool, SetupError> {
         .await
         .map_err(connect_failed(Backend::Sqlite, url))?;
     Ok(Pool::Sqlite(pool))
+}
+
+/// The writer's pool. For a SQLite file: its own connection, kept open, so the one connection
+/// that writes keeps a warm page cache and the writer never waits for a connection (the
+/// shared pool hands out a different connection on each transaction, whose cache the other
+/// connections' writes have made stale). Otherwise the pool itself: an in-memory SQLite
+/// database lives in its one connection; PostgreSQL and MySQL cache on the server.
+pub(crate) async fn writer_pool(pool: &Pool, url: &str) -> Result<Pool, SetupError> {
+    match pool {
+        #[cfg(feature = "sqlite")]
+        Pool::Sqlite(p) if !is_sqlite_memory(url) => {
+            let writer = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .test_before_acquire(false)
+                .acquire_timeout(p.options().get_acquire_timeout())
+                .connect_with((*p.connect_options()).clone())
+                .await
+                .map_err(connect_failed(Backend::Sqlite, url))?;
+            Ok(Pool::Sqlite(writer))
+        }
+        other => Ok(other.clone()),
+    }
 }
 
 /// `sqlite::memory:`, `sqlite://:memory:` or `mode=memory`: sqlx shares one named in-memory

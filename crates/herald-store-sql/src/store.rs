@@ -58,6 +58,8 @@ pub struct WriteStats {
 pub struct SqlStore {
     backend: Backend,
     pool: Pool,
+    /// The writer's connections (for a SQLite file its own one, else `pool`).
+    write_pool: Pool,
     writer: Writer,
     retention: Retention,
     /// Bound on a read or an update: a locked table must not hang a connection task.
@@ -113,10 +115,12 @@ impl SqlStore {
             schema_version = found.max(backend::SCHEMA_VERSION),
             "store opened"
         );
-        let writer = Writer::spawn(pool.clone(), backend, &options);
+        let write_pool = backend::writer_pool(&pool, &url).await?;
+        let writer = Writer::spawn(write_pool.clone(), backend, &options);
         Ok(Self {
             backend,
             pool,
+            write_pool,
             writer,
             retention: options.retention,
             op_timeout: options.acquire_timeout + options.write_timeout,
@@ -151,7 +155,8 @@ impl SqlStore {
     /// Closes the pool: waits for connections in use to be returned, then closes them all.
     /// Inserts still queued fail.
     pub async fn close(&self) {
-        with_pool!(&self.pool, |p, Db| p.close().await)
+        with_pool!(&self.pool, |p, Db| p.close().await);
+        with_pool!(&self.write_pool, |p, Db| p.close().await);
     }
 
     /// Runs `op` within `limit`, mapping both failures to [`StoreError::Unavailable`].

@@ -1,14 +1,18 @@
 //! The single writer of a store: group commit for `insert` and for status updates.
 //!
-//! Callers queue `(record, reply)` or `(update, reply)` and wait. Status updates (`sent`,
-//! `acked`, retries, `failed`) queued together share one transaction after the inserts taken
-//! with them: one fsync for all the acks that arrived while the previous commit ran, not one
-//! each (S6 in PERFORMANCE.md).
+//! Callers queue `(record, reply)` or `(update, reply)` and wait. Inserts and status updates
+//! (`sent`, `acked`, retries, `failed`) have their own queues: each round takes every update
+//! queued (so an ack never waits behind a backlog of inserts) and up to `batch_max` inserts,
+//! writes the inserts in one transaction and the updates in another, and answers each caller
+//! after its COMMIT: one fsync for all the acks that arrived while the previous round ran, not
+//! one each (S6 in PERFORMANCE.md).
 //!
-//! For inserts: The writer task takes everything queued (up to
-//! `batch_max`), writes it in one transaction and answers each caller only after COMMIT, so a
-//! publisher is never told "stored" before the row is durable, and N concurrent publishes
-//! cost one commit (one fsync) instead of N. What must stay true:
+//! `sent` marks are held for one round: most messages are acked within it, and a row acked in
+//! the same transaction needs no `sent` write (both end in `acked`: `sent` only applies to
+//! rows still `pending`), which saves a row update per delivered message.
+//!
+//! For inserts: a publisher is never told "stored" before the row is durable, and N
+//! concurrent publishes cost one commit (one fsync) instead of N. What must stay true:
 //! - every queued job is answered, or its reply dropped (the caller then sees an error);
 //! - nobody waits unboundedly: each batch is bounded by `write_timeout`, each caller by its
 //!   own deadline, and when the database is unreachable everything queued behind the failed
@@ -18,7 +22,7 @@
 //! - a deadlock or serialization failure with another writer (another node) retries the
 //!   whole batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::Arc;
@@ -39,20 +43,8 @@ use crate::store::{Backend, IDS_PER_STATEMENT, Update, WriteStats};
 
 type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
 
-enum Job {
-    Insert(InsertJob),
-    Update(UpdateJob),
-}
-
-impl Job {
-    /// The caller gave up (timeout, cancelled request).
-    fn abandoned(&self) -> bool {
-        match self {
-            Self::Insert(j) => j.reply.is_closed(),
-            Self::Update(j) => j.reply.is_closed(),
-        }
-    }
-}
+/// How long held `sent` marks wait when no other write comes to carry them.
+const SENT_HOLD: Duration = Duration::from_millis(50);
 
 struct InsertJob {
     record: InboxRecord,
@@ -75,7 +67,8 @@ struct Counters {
 
 /// The handle callers use; the task stops when the last handle is dropped.
 pub(crate) struct Writer {
-    queue: mpsc::Sender<Job>,
+    inserts: mpsc::Sender<InsertJob>,
+    updates: mpsc::Sender<UpdateJob>,
     counters: Arc<Counters>,
     /// A caller's bound: waiting for room in the queue, its batch and the one before it.
     call_timeout: Duration,
@@ -84,19 +77,23 @@ pub(crate) struct Writer {
 
 impl Writer {
     pub(crate) fn spawn(pool: Pool, backend: Backend, options: &Options) -> Self {
-        let (queue, jobs) = mpsc::channel(options.queue_capacity.max(1));
+        let (inserts, insert_jobs) = mpsc::channel(options.queue_capacity.max(1));
+        let (updates, update_jobs) = mpsc::channel(options.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
         let task = Task {
             pool,
             backend,
-            jobs,
+            insert_jobs,
+            update_jobs,
+            held_sent: Vec::new(),
             batch_max: options.batch_max.max(1),
             write_timeout: options.write_timeout,
             counters: counters.clone(),
         };
         tokio::spawn(task.run());
         Self {
-            queue,
+            inserts,
+            updates,
             counters,
             call_timeout: options.acquire_timeout + options.write_timeout * 2,
             backend,
@@ -113,8 +110,8 @@ impl Writer {
     pub(crate) async fn insert(&self, record: InboxRecord) -> Result<Inserted, StoreError> {
         crate::record::check(&record)?;
         let (reply, answer) = oneshot::channel();
-        self.call(Job::Insert(InsertJob { record, reply }), answer, "insert")
-            .await
+        let job = InsertJob { record, reply };
+        self.call(&self.inserts, job, answer, "insert").await
     }
 
     /// Applies `update` to the user's messages `ids` (distinct); how many rows changed.
@@ -125,19 +122,20 @@ impl Writer {
         ids: Vec<String>,
     ) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job::Update(UpdateJob {
+        let job = UpdateJob {
             update,
             user,
             ids,
             reply,
-        });
-        self.call(job, answer, "update").await
+        };
+        self.call(&self.updates, job, answer, "update").await
     }
 
     /// Queues `job` and waits for its answer, within the caller's bound.
-    async fn call<T>(
+    async fn call<J, T>(
         &self,
-        job: Job,
+        queue: &mpsc::Sender<J>,
+        job: J,
         answer: oneshot::Receiver<Result<T, StoreError>>,
         what: &str,
     ) -> Result<T, StoreError> {
@@ -148,7 +146,7 @@ impl Writer {
             ))
         };
         let wait = async {
-            self.queue.send(job).await.map_err(|_| stopped())?;
+            queue.send(job).await.map_err(|_| stopped())?;
             answer.await.map_err(|_| stopped())?
         };
         // On timeout the job may still be queued; the writer skips it if it has not started
@@ -170,7 +168,10 @@ impl Writer {
 struct Task {
     pool: Pool,
     backend: Backend,
-    jobs: mpsc::Receiver<Job>,
+    insert_jobs: mpsc::Receiver<InsertJob>,
+    update_jobs: mpsc::Receiver<UpdateJob>,
+    /// `sent` marks taken in the previous round, written with this round's updates.
+    held_sent: Vec<UpdateJob>,
     batch_max: usize,
     write_timeout: Duration,
     counters: Arc<Counters>,
@@ -178,29 +179,66 @@ struct Task {
 
 impl Task {
     async fn run(mut self) {
-        let mut batch = Vec::with_capacity(self.batch_max);
-        let mut inserts = Vec::new();
+        let mut inserts = Vec::with_capacity(self.batch_max);
         let mut updates = Vec::new();
-        // `recv_many` waits for one job, then takes whatever else is queued: batches grow by
-        // themselves while a commit is in flight, and a lone insert is not delayed.
-        while self.jobs.recv_many(&mut batch, self.batch_max).await > 0 {
-            for job in batch.drain(..) {
-                // A caller that gave up (timeout, cancelled request) is not written for.
-                if job.abandoned() {
-                    continue;
-                }
-                match job {
-                    Job::Insert(j) => inserts.push(j),
-                    Job::Update(j) => updates.push(j),
-                }
+        loop {
+            // Wait for one job (or, with `sent` marks held, at most SENT_HOLD), then take
+            // whatever else is queued: rounds grow by themselves while a commit is in flight,
+            // and a lone insert is not delayed.
+            let holding = !self.held_sent.is_empty();
+            let open = tokio::select! {
+                biased;
+                n = self.update_jobs.recv_many(&mut updates, UPDATES_MAX) => n > 0,
+                n = self.insert_jobs.recv_many(&mut inserts, self.batch_max) => n > 0,
+                () = tokio::time::sleep(SENT_HOLD), if holding => true,
+            };
+            if !open {
+                // Both queues close together (the handle owns both senders).
+                break;
             }
+            while updates.len() < UPDATES_MAX
+                && let Ok(job) = self.update_jobs.try_recv()
+            {
+                updates.push(job);
+            }
+            while inserts.len() < self.batch_max
+                && let Ok(job) = self.insert_jobs.try_recv()
+            {
+                inserts.push(job);
+            }
+            // A caller that gave up (timeout, cancelled request) is not written for.
+            inserts.retain(|j| !j.reply.is_closed());
+            updates.retain(|j| !j.reply.is_closed());
             if !inserts.is_empty() {
                 self.write(&mut inserts).await;
             }
-            if !updates.is_empty() {
-                self.write_updates(&mut updates).await;
+            self.write_round_updates(&mut updates).await;
+        }
+        let mut held = std::mem::take(&mut self.held_sent);
+        if !held.is_empty() {
+            self.write_updates(&mut held).await;
+        }
+    }
+
+    /// This round's updates with the `sent` marks held from the last one; the new `sent`
+    /// marks are held for the next round, unless nothing else is pending (then they go now).
+    async fn write_round_updates(&mut self, updates: &mut Vec<UpdateJob>) {
+        let mut jobs = std::mem::take(&mut self.held_sent);
+        let idle = updates.iter().all(|j| j.update == Update::Sent)
+            && self.update_jobs.is_empty()
+            && self.insert_jobs.is_empty();
+        for job in updates.drain(..) {
+            if job.update == Update::Sent && !idle {
+                self.held_sent.push(job);
+            } else {
+                jobs.push(job);
             }
         }
+        if jobs.is_empty() {
+            return;
+        }
+        skip_superseded_sent(&mut jobs);
+        self.write_updates(&mut jobs).await;
     }
 
     /// Applies the status changes in one transaction and answers each. They cannot be
@@ -357,11 +395,14 @@ impl Task {
     /// The database is unreachable: answer everything queued now rather than let each batch
     /// wait out its own timeout. New inserts try again.
     fn fail_queued(&mut self, error: &StoreError) {
-        while let Ok(job) = self.jobs.try_recv() {
-            match job {
-                Job::Insert(j) => drop(j.reply.send(Err(error.clone()))),
-                Job::Update(j) => drop(j.reply.send(Err(error.clone()))),
-            }
+        while let Ok(j) = self.insert_jobs.try_recv() {
+            drop(j.reply.send(Err(error.clone())));
+        }
+        for j in std::mem::take(&mut self.held_sent) {
+            drop(j.reply.send(Err(error.clone())));
+        }
+        while let Ok(j) = self.update_jobs.try_recv() {
+            drop(j.reply.send(Err(error.clone())));
         }
     }
 
@@ -371,6 +412,40 @@ impl Task {
             self.backend.name(),
             self.write_timeout
         ))
+    }
+}
+
+/// Most status updates taken in one round (each is one user's ids; usually one ack).
+const UPDATES_MAX: usize = 4096;
+
+/// Drops from `sent` jobs the (user, id) pairs an `acked` job of the same transaction covers:
+/// the row ends `acked` either way (`sent` only applies to `pending` rows), so the write is
+/// saved. The `sent` callers are not told how many rows changed.
+fn skip_superseded_sent(jobs: &mut [UpdateJob]) {
+    let acked: HashSet<(&str, &str)> = jobs
+        .iter()
+        .filter(|j| j.update == Update::Acked)
+        .flat_map(|j| j.ids.iter().map(move |id| (j.user.as_str(), id.as_str())))
+        .collect();
+    if acked.is_empty() {
+        return;
+    }
+    let kept: Vec<Option<Vec<String>>> = jobs
+        .iter()
+        .map(|j| {
+            (j.update == Update::Sent).then(|| {
+                j.ids
+                    .iter()
+                    .filter(|id| !acked.contains(&(j.user.as_str(), id.as_str())))
+                    .cloned()
+                    .collect()
+            })
+        })
+        .collect();
+    for (job, ids) in jobs.iter_mut().zip(kept) {
+        if let Some(ids) = ids {
+            job.ids = ids;
+        }
     }
 }
 

@@ -54,6 +54,7 @@ suite!(
     replay_order,
     sent_and_ack,
     concurrent_updates_share_commits,
+    acks_overtake_queued_inserts,
     retries_and_failed,
     list_filters,
     purge_by_count,
@@ -217,6 +218,57 @@ async fn sent_and_ack(db: &TestDb) {
     // Many ids at once (several statements).
     let many: Vec<String> = (0..1200).map(|i| format!("many-{i}")).collect();
     assert_eq!(s.ack("frank", &many).await.unwrap(), 0);
+}
+
+/// An ack queued behind a backlog of inserts is written in the writer's next round, not
+/// after the backlog: status updates have their own queue. (With one queue, the ack waited
+/// for every insert ahead of it, long enough for the message to be sent again.)
+async fn acks_overtake_queued_inserts(db: &TestDb) {
+    const BACKLOG: usize = 2000;
+    let store = Arc::new(
+        db.open_with(Options {
+            // Small rounds: the backlog takes many of them.
+            batch_max: 20,
+            ..Options::default()
+        })
+        .await,
+    );
+    store.insert(rec("first", "olivia")).await.unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backlog: Vec<_> = (0..BACKLOG)
+        .map(|i| {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let s: &dyn Store = &*store;
+                s.insert(rec(&format!("b{i}"), "peggy")).await.unwrap();
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    // Let the backlog reach the queue before the ack: the writer has started on it, and the
+    // rest of the spawned inserts have had time to queue.
+    while done.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let s: &dyn Store = &*store;
+    assert_eq!(s.ack("olivia", &strings(&["first"])).await.unwrap(), 1);
+    let written = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        written < BACKLOG / 2,
+        "the ack was answered after {written} of {BACKLOG} queued inserts"
+    );
+    for task in backlog {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        ids(&s
+            .list("olivia", Some(InboxStatus::Acked), 10)
+            .await
+            .unwrap()),
+        ["first"]
+    );
+    assert_eq!(s.list("peggy", None, 1000).await.unwrap().len(), 1000);
 }
 
 /// Status changes from many users at once are grouped into shared commits by the writer;

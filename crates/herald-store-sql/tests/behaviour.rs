@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Kind, TestDb, ids, rec, rec_aged, strings};
@@ -234,26 +235,26 @@ async fn acks_overtake_queued_inserts(db: &TestDb) {
         .await,
     );
     store.insert(rec("first", "olivia")).await.unwrap();
-    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
     let backlog: Vec<_> = (0..BACKLOG)
         .map(|i| {
             let (store, done) = (store.clone(), done.clone());
             tokio::spawn(async move {
                 let s: &dyn Store = &*store;
                 s.insert(rec(&format!("b{i}"), "peggy")).await.unwrap();
-                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
             })
         })
         .collect();
     // Let the backlog reach the queue before the ack: the writer has started on it, and the
     // rest of the spawned inserts have had time to queue.
-    while done.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+    while done.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     let s: &dyn Store = &*store;
     assert_eq!(s.ack("olivia", &strings(&["first"])).await.unwrap(), 1);
-    let written = done.load(std::sync::atomic::Ordering::SeqCst);
+    let written = done.load(Ordering::SeqCst);
     assert!(
         written < BACKLOG / 2,
         "the ack was answered after {written} of {BACKLOG} queued inserts"
